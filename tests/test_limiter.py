@@ -109,6 +109,16 @@ def test_settle_refunds_over_estimates_and_charges_under_estimates() -> None:
     assert limiter.snapshot()["gpt-test"]["tokens_level"] == pytest.approx(20.0)
 
 
+def test_cancelling_the_last_booking_moves_the_schedule_back() -> None:
+    clock = FakeClock()
+    limiter = make(clock, rpm=6000, tpm=600)  # 10 tokens per second, burst 10
+    limiter.acquire(KEY, 10)
+    far = limiter._reserve_locked(KEY, limiter._state(KEY, clock.now), 500)  # ready in ~50 s
+    assert far.ready_at == pytest.approx(1001.0)  # waits for a full bucket, then leaves debt
+    limiter.cancel(far)
+    assert limiter.acquire(KEY, 10).ready_at == pytest.approx(1001.0)  # not held up by the cancelled one
+
+
 def test_refunds_never_exceed_the_burst() -> None:
     clock = FakeClock()
     limiter = make(clock, tpm=6000)
@@ -257,13 +267,14 @@ def test_never_exceeds_the_limit_over_any_window(rpm: int, tpm: int, steps: list
         events.append((reservation.ready_at, used, max(0, used - cost), cost))
     rate_t, rate_r = tpm / 60, rpm / 60
     burst_t, burst_r = max(rate_t, 1.0), max(rate_r, 1.0)
-    for i, (start, _, _, first_cost) in enumerate(events):
+    for i, (start, _, _, _) in enumerate(events):
         for j in range(i, len(events)):
             width = events[j][0] - start
             tokens = sum(used for _, used, _, _ in events[i : j + 1])
-            # A call bigger than the burst waits until its whole cost has refilled, so the first call of a
-            # window may bring up to its own cost; usage beyond the estimate is charged after the call
+            # A call bigger than the burst goes once the bucket is full and leaves debt behind, so the
+            # burst is effectively the largest call; usage beyond the estimate is charged after the call
             # (as debt), so only the last call's excess can be unpaid.
-            allowance = max(burst_t, first_cost) + rate_t * width + events[j][2]
+            biggest = max(cost for _, _, _, cost in events[i : j + 1])
+            allowance = max(burst_t, biggest) + rate_t * width + events[j][2]
             assert tokens <= allowance + 1e-6 * tpm
             assert (j - i + 1) <= burst_r + rate_r * width + 1e-6

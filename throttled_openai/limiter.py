@@ -59,7 +59,13 @@ class Limits:
 
 
 class _Bucket:
-    """One budget. ``level`` units were available at ``stamp`` (negative: booked into the future)."""
+    """One budget, as a virtual schedule: ``level`` units are available at time ``stamp``.
+
+    ``stamp`` moves into the future as calls are booked: a call is charged at the moment it may go, so
+    the bucket refills only up to then. (Charging at booking time instead would let one bucket refill
+    for free while the call waits on the other.) ``level`` is negative only after a call larger than
+    the burst, or a usage above its estimate: debt that later calls wait out.
+    """
 
     __slots__ = ("booked", "capacity", "ceiling", "configured", "level", "limit", "rate", "stamp")
 
@@ -85,22 +91,46 @@ class _Bucket:
         self.rate = limit / 60.0 * (1.0 - headroom)
         self.ceiling = min(self.ceiling, limit)
 
-    def advance(self, now: float) -> None:
-        if now > self.stamp:
-            self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
-            self.stamp = now
+    def level_at(self, when: float) -> float:
+        if when <= self.stamp:
+            return self.level
+        return min(self.capacity, self.level + (when - self.stamp) * self.rate)
 
-    def take(self, units: float) -> float:
-        """Book ``units``; return seconds until the booked level is no longer in debt."""
+    def move_to(self, when: float) -> None:
+        """Carry the level forward to ``when`` (never backwards)."""
+        if when > self.stamp:
+            self.level = self.level_at(when)
+            self.stamp = when
+
+    def earliest(self, units: float, now: float) -> float:
+        """The first moment from ``now`` on when ``units`` may be taken (a full bucket, if larger)."""
         if not self.active:
-            return 0.0
-        self.level -= units
-        self.booked += units
-        return 0.0 if self.level >= 0 else -self.level / self.rate
+            return now
+        start = max(now, self.stamp)
+        missing = min(units, self.capacity) - self.level_at(start)
+        return start if missing <= 0 else start + missing / self.rate
+
+    def take_at(self, units: float, when: float) -> None:
+        """Charge ``units`` at ``when`` (at or after :meth:`earliest`), or as debt at the last booking."""
+        if self.active:
+            self.move_to(when)
+            self.level -= units
+            self.booked += units
 
     def give_back(self, units: float) -> None:
         if self.active:
             self.level = min(self.capacity, self.level + units)
+
+    def unbook(self, units: float, mark: float, prev_stamp: float) -> None:
+        """Undo a booking of ``units`` that was never used. If it was the last one booked, the schedule
+        moves back to where it stood before it, so a call cancelled far in the future holds nobody up."""
+        if not self.active:
+            return
+        if self.booked == mark and prev_stamp < self.stamp:
+            self.level = min(self.capacity, self.level + units - (self.stamp - prev_stamp) * self.rate)
+            self.stamp = prev_stamp
+        else:
+            self.give_back(units)
 
 
 class _KeyState:
@@ -124,16 +154,23 @@ class Reservation:
     was sent, or :meth:`RateLimiter.cancel` if it never was.
     """
 
-    __slots__ = ("booked_at", "done", "key", "marks", "probe", "ready_at", "tokens")
+    __slots__ = ("booked_at", "done", "key", "marks", "prev_stamps", "probe", "ready_at", "tokens")
 
     def __init__(
-        self, key: LimitKey, tokens: int, ready_at: float, booked_at: float, marks: Tuple[float, float]
+        self,
+        key: LimitKey,
+        tokens: int,
+        ready_at: float,
+        booked_at: float,
+        marks: Tuple[float, float],
+        prev_stamps: Tuple[float, float],
     ) -> None:
         self.key = key
         self.tokens = tokens
         self.ready_at = ready_at
         self.booked_at = booked_at
-        self.marks = marks
+        self.marks = marks  # each bucket's `booked` total right after this booking
+        self.prev_stamps = prev_stamps  # each bucket's `stamp` right before it
         self.probe = False
         self.done = False
 
@@ -229,11 +266,12 @@ class RateLimiter:
         limit = state.tokens.limit
         if limit is not None and tokens > limit:
             raise RequestTooLarge(key[1], tokens, limit)
-        state.requests.advance(now)
-        state.tokens.advance(now)
-        wait = max(state.requests.take(1), state.tokens.take(tokens))
-        ready_at = max(now + wait, state.paused_until)
-        reservation = Reservation(key, tokens, ready_at, now, (state.requests.booked, state.tokens.booked))
+        ready_at = max(state.requests.earliest(1, now), state.tokens.earliest(tokens, now), state.paused_until)
+        prev_stamps = (state.requests.stamp, state.tokens.stamp)
+        state.requests.take_at(1, ready_at)
+        state.tokens.take_at(tokens, ready_at)
+        marks = (state.requests.booked, state.tokens.booked)
+        reservation = Reservation(key, tokens, ready_at, now, marks, prev_stamps)
         if not state.learned:
             state.probe = reservation
             reservation.probe = True
@@ -260,10 +298,8 @@ class RateLimiter:
                 return
             reservation.done = True
             state = self._keys[reservation.key]
-            now = self._clock()
-            for bucket, units in ((state.requests, 1.0), (state.tokens, float(reservation.tokens))):
-                bucket.advance(now)
-                bucket.give_back(units)
+            state.requests.unbook(1.0, reservation.marks[0], reservation.prev_stamps[0])
+            state.tokens.unbook(float(reservation.tokens), reservation.marks[1], reservation.prev_stamps[1])
             self._end_probe(state, reservation, learned=False)
 
     def settle(self, reservation: Reservation, used_tokens: Optional[int]) -> None:
@@ -278,10 +314,10 @@ class RateLimiter:
             reservation.done = True
             state = self._keys[reservation.key]
             if used_tokens is not None and state.tokens.active:
-                state.tokens.advance(self._clock())
+                state.tokens.move_to(self._clock())
                 extra = used_tokens - reservation.tokens
                 if extra > 0:
-                    state.tokens.take(extra)
+                    state.tokens.take_at(extra, state.tokens.stamp)
                 else:
                     state.tokens.give_back(-extra)
             self._end_probe(state, reservation, learned=False)
@@ -315,7 +351,7 @@ class RateLimiter:
                 ),
             )
             for bucket, limit, remaining, cost, mark in pairs:
-                bucket.advance(now)
+                bucket.move_to(now)
                 if limit is not None and limit != bucket.limit:
                     was_active = bucket.active
                     bucket.set_limit(min(limit, bucket.configured or math.inf), self._headroom)
@@ -327,7 +363,8 @@ class RateLimiter:
                     continue
                 margin = bucket.rate * _JITTER_SECONDS
                 bucket.capacity = min(bucket.ceiling, max(bucket.capacity, remaining + cost - margin))
-                seen = remaining - margin - (bucket.booked - mark)
+                # What the server had left, less what we booked since, refilled up to our last booking.
+                seen = remaining - margin - (bucket.booked - mark) + (bucket.stamp - now) * bucket.rate
                 bucket.level = min(bucket.capacity, seen)
             # Any answer from the server ends the probe: with headers the limits are now known, and a
             # server that sends none will not send them later either.
@@ -350,7 +387,7 @@ class RateLimiter:
             for bucket in buckets:
                 if not bucket.active:
                     continue
-                bucket.advance(now)
+                bucket.move_to(now)
                 floor = max(bucket.rate * _MIN_BURST_SECONDS, 1.0)
                 bucket.ceiling = max(floor, bucket.capacity / 2)
                 bucket.capacity = min(bucket.capacity, bucket.ceiling)
@@ -366,10 +403,10 @@ class RateLimiter:
             for (_, model), state in self._keys.items():
                 entry: Dict[str, Optional[float]] = {"paused_for": max(0.0, state.paused_until - now)}
                 for name, bucket in (("requests", state.requests), ("tokens", state.tokens)):
-                    bucket.advance(now)
                     entry[f"{name}_limit"] = bucket.limit
                     entry[f"{name}_burst"] = bucket.capacity if bucket.active else None
-                    entry[f"{name}_level"] = bucket.level if bucket.active else None
+                    # The level now; while calls are queued, what is left after the last booked one.
+                    entry[f"{name}_level"] = bucket.level_at(now) if bucket.active else None
                 out[model] = entry
             return out
 
