@@ -20,7 +20,6 @@ import logging
 import math
 import threading
 import time
-import uuid
 from typing import Any, Mapping, Optional, TypeVar, Union
 
 import openai
@@ -193,8 +192,6 @@ class _ThrottledMixin:
         key: LimitKey = (self._account, self._limit_model(body))
         cost = estimate_cost(endpoint, body, self._counter) if endpoint else 0
         policy, max_wait, limiter, stats = self._retry, self._max_wait, self._limiter, self._stats
-        if getattr(options, "idempotency_key", None) is None and str(options.method).lower() != "get":
-            options.idempotency_key = f"throttled-openai-retry-{uuid.uuid4()}"  # one key for every attempt
         stats.call()
         waited_total, retries = 0.0, 0
         started = time.monotonic()
