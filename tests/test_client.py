@@ -53,7 +53,13 @@ def test_every_endpoint_passes_the_limiter_and_settles_usage(server: FakeOpenAI)
     stats = client.stats()
     assert stats.calls == 5 and stats.requests == 5 and stats.retries == 0
     # usage of the four token-bearing calls was reported and settled
-    assert stats.tokens_used == chat.usage.total_tokens + completion.usage.total_tokens + embedding.usage.total_tokens + response.usage.total_tokens
+    assert (
+        stats.tokens_used
+        == chat.usage.total_tokens
+        + completion.usage.total_tokens
+        + embedding.usage.total_tokens
+        + response.usage.total_tokens
+    )
     assert stats.tokens_reserved >= stats.tokens_used
     levels = client.limiter.snapshot()
     assert set(levels) == {"gpt-4o-mini", "gpt-3.5-turbo-instruct", "text-embedding-3-small", "*"}

@@ -100,9 +100,20 @@ def test_parse_duration_never_raises(text: str) -> None:
     assert value is None or value >= 0
 
 
-@given(st.dictionaries(st.sampled_from(["x-ratelimit-limit-requests", "x-ratelimit-remaining-tokens",
-                                         "x-ratelimit-reset-tokens", "retry-after", "retry-after-ms"]),
-                       st.text(max_size=20)))
+@given(
+    st.dictionaries(
+        st.sampled_from(
+            [
+                "x-ratelimit-limit-requests",
+                "x-ratelimit-remaining-tokens",
+                "x-ratelimit-reset-tokens",
+                "retry-after",
+                "retry-after-ms",
+            ]
+        ),
+        st.text(max_size=20),
+    )
+)
 def test_header_parser_never_raises_and_never_goes_negative(headers: dict) -> None:
     parsed = parse_rate_limit_headers(headers)
     for value in vars(parsed).values():

@@ -27,7 +27,12 @@ def status_error(status: int, body: Optional[Dict[str, Any]] = None, headers: Op
     return cls(message, response=response, body=error)
 
 
-def rate_limit(kind: str = "tokens", code: str = "rate_limit_exceeded", message: str = "Rate limit reached. Please try again in 1.5s.", **headers: str):
+def rate_limit(
+    kind: str = "tokens",
+    code: str = "rate_limit_exceeded",
+    message: str = "Rate limit reached. Please try again in 1.5s.",
+    **headers: str,
+):
     return status_error(429, {"error": {"message": message, "type": kind, "code": code}}, headers)
 
 
@@ -55,8 +60,13 @@ def test_try_again_message_when_headers_are_missing() -> None:
 
 @pytest.mark.parametrize(
     "code",
-    ["insufficient_quota", "credit_balance_exhausted", "organization_spend_limit_exceeded",
-     "project_spend_limit_exceeded", "organization_usage_limit_exceeded"],
+    [
+        "insufficient_quota",
+        "credit_balance_exhausted",
+        "organization_spend_limit_exceeded",
+        "project_spend_limit_exceeded",
+        "organization_usage_limit_exceeded",
+    ],
 )
 def test_quota_errors_are_never_retried(code: str) -> None:
     decision = Retry(max_retries=100).decide(rate_limit(kind=code, code=code, message="You exceeded your quota"), 1)
@@ -64,15 +74,29 @@ def test_quota_errors_are_never_retried(code: str) -> None:
 
 
 def test_request_too_large_is_never_retried() -> None:
-    error = rate_limit(message="Request too large for gpt-4o in organization org-x on tokens per min (TPM): "
-                       "Limit 30000, Requested 34307. The input or output tokens must be reduced")
+    error = rate_limit(
+        message="Request too large for gpt-4o in organization org-x on tokens per min (TPM): "
+        "Limit 30000, Requested 34307. The input or output tokens must be reduced"
+    )
     decision = Retry().decide(error, 1)
     assert not decision.retry and decision.kind == "too_large"
 
 
-@pytest.mark.parametrize(("status", "retry"), [(400, False), (401, False), (403, False), (404, False),
-                                               (422, False), (408, True), (409, True), (500, True),
-                                               (502, True), (503, True)])
+@pytest.mark.parametrize(
+    ("status", "retry"),
+    [
+        (400, False),
+        (401, False),
+        (403, False),
+        (404, False),
+        (422, False),
+        (408, True),
+        (409, True),
+        (500, True),
+        (502, True),
+        (503, True),
+    ],
+)
 def test_statuses(status: int, retry: bool) -> None:
     assert Retry().decide(status_error(status), 1).retry is retry
 
@@ -105,8 +129,12 @@ def test_policy_is_immutable_and_validated() -> None:
     with pytest.raises(AttributeError):
         policy.max_retries = 3  # type: ignore[misc]
     assert policy.replace(max_retries=1).max_retries == 1 and policy.max_retries == 6
-    for bad, error in [({"max_retries": -1}, ValueError), ({"max_retries": 1.5}, TypeError),
-                       ({"deadline": -1}, ValueError), ({"backoff_max": float("inf")}, ValueError),
-                       ({"backoff_base": "1"}, TypeError)]:
+    for bad, error in [
+        ({"max_retries": -1}, ValueError),
+        ({"max_retries": 1.5}, TypeError),
+        ({"deadline": -1}, ValueError),
+        ({"backoff_max": float("inf")}, ValueError),
+        ({"backoff_base": "1"}, TypeError),
+    ]:
         with pytest.raises(error):
             Retry(**bad)

@@ -1,12 +1,13 @@
 """The in-process rate limiter: requests and tokens per minute, per (account, model), shared by threads.
 
 Each limit is a bucket that holds up to ``capacity`` units and refills continuously at ``limit / 60``
-units per second. A call *reserves* one request and its token cost from both buckets at once, under one
-short lock: the levels may go negative (debt), and the reservation records when the debt will have
-refilled. The caller then sleeps once, outside the lock, until that moment. Later callers see the debt
-and are booked after it, so callers go first-come-first-served with no waiter list and no polling (the
-design of Go's ``x/time/rate``). Cancelling a reservation or settling it against the real usage gives
-back what was not used.
+units per second. Callers of one key form a first-come-first-served line. Only the caller at the head
+waits on the clock: it computes, under one short lock, the moment both buckets hold its cost, waits
+once until then, and takes one request and its tokens from both buckets together at the moment it
+goes. The others wait on their own event until the head hands over, so nobody polls and one call
+wakes one thread. The head's wait ends early when capacity comes back sooner: a call settled against
+its real usage refunds what its estimate over-booked, and in a TPM-bound workload those refunds are
+most of the budget, so the head must see them at once rather than at a time booked in advance.
 
 The limiter also learns from what the server says (:meth:`RateLimiter.observe`): the limits themselves
 when none were given, the burst the server allows, and what remains when other processes share the
@@ -18,8 +19,9 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Dict, Mapping, Optional, Tuple
+from typing import Callable, Deque, Dict, Mapping, Optional, Tuple
 
 from .errors import RateLimitTimeout, RequestTooLarge
 from .headers import RateLimitHeaders
@@ -29,7 +31,7 @@ __all__ = ["LimitKey", "Limits", "RateLimiter", "Reservation"]
 #: ``(account, model)``: ``account`` is a hash of the API key and base URL, never the key itself.
 LimitKey = Tuple[str, str]
 
-# Seconds of budget kept back from the server's burst to absorb jitter between our clock and its.
+# Seconds of budget kept back from the server's burst, to absorb jitter between our sends and its clock.
 _JITTER_SECONDS = 0.15
 # Smallest burst, in seconds of budget, that repeated 429s may shrink a bucket to.
 _MIN_BURST_SECONDS = 0.2
@@ -59,13 +61,9 @@ class Limits:
 
 
 class _Bucket:
-    """One budget, as a virtual schedule: ``level`` units are available at time ``stamp``.
-
-    ``stamp`` moves into the future as calls are booked: a call is charged at the moment it may go, so
-    the bucket refills only up to then. (Charging at booking time instead would let one bucket refill
-    for free while the call waits on the other.) ``level`` is negative only after a call larger than
-    the burst, or a usage above its estimate: debt that later calls wait out.
-    """
+    """One budget: ``level`` units were available at ``stamp``; refills at ``rate`` per second up to
+    ``capacity``. ``level`` goes negative only after a call larger than the burst or a usage above
+    its estimate: debt that the next caller waits out."""
 
     __slots__ = ("booked", "capacity", "ceiling", "configured", "level", "limit", "rate", "stamp")
 
@@ -74,13 +72,13 @@ class _Bucket:
         self.limit: Optional[float] = None
         self.rate = 0.0  # units per second
         self.capacity = 0.0
-        self.ceiling = math.inf
+        self.ceiling = math.inf  # the most burst we allow ourselves; only shrinks, after 429s
         self.level = 0.0
         self.stamp = now
         self.booked = 0.0  # running total of units taken, to reconcile with the server's `remaining`
         if configured is not None:
             self.set_limit(configured, headroom)
-            self.capacity = self.level = max(self.rate * initial_burst, 1.0)
+            self.start(initial_burst)
 
     @property
     def active(self) -> bool:
@@ -91,29 +89,23 @@ class _Bucket:
         self.rate = limit / 60.0 * (1.0 - headroom)
         self.ceiling = min(self.ceiling, limit)
 
-    def level_at(self, when: float) -> float:
-        if when <= self.stamp:
-            return self.level
-        return min(self.capacity, self.level + (when - self.stamp) * self.rate)
+    def start(self, initial_burst: float) -> None:
+        self.capacity = self.level = min(self.ceiling, max(self.rate * initial_burst, 1.0))
 
-    def move_to(self, when: float) -> None:
-        """Carry the level forward to ``when`` (never backwards)."""
-        if when > self.stamp:
-            self.level = self.level_at(when)
-            self.stamp = when
+    def advance(self, now: float) -> None:
+        if now > self.stamp:
+            self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
+            self.stamp = now
 
     def earliest(self, units: float, now: float) -> float:
-        """The first moment from ``now`` on when ``units`` may be taken (a full bucket, if larger)."""
+        """When ``units`` may be taken (a full bucket, if more than it holds). Call :meth:`advance` first."""
         if not self.active:
             return now
-        start = max(now, self.stamp)
-        missing = min(units, self.capacity) - self.level_at(start)
-        return start if missing <= 0 else start + missing / self.rate
+        missing = min(units, self.capacity) - self.level
+        return now if missing <= 0 else now + missing / self.rate
 
-    def take_at(self, units: float, when: float) -> None:
-        """Charge ``units`` at ``when`` (at or after :meth:`earliest`), or as debt at the last booking."""
+    def take(self, units: float) -> None:
         if self.active:
-            self.move_to(when)
             self.level -= units
             self.booked += units
 
@@ -121,22 +113,20 @@ class _Bucket:
         if self.active:
             self.level = min(self.capacity, self.level + units)
 
-    def unbook(self, units: float, mark: float, prev_stamp: float) -> None:
-        """Undo a booking of ``units`` that was never used. If it was the last one booked, the schedule
-        moves back to where it stood before it, so a call cancelled far in the future holds nobody up."""
-        if not self.active:
-            return
-        if self.booked == mark and prev_stamp < self.stamp:
-            self.level = min(self.capacity, self.level + units - (self.stamp - prev_stamp) * self.rate)
-            self.stamp = prev_stamp
-        else:
-            self.give_back(units)
+
+class _Ticket:
+    """A caller waiting in line behind the head; the head sets ``turn`` when it is this caller's go."""
+
+    __slots__ = ("turn",)
+
+    def __init__(self) -> None:
+        self.turn = threading.Event()
 
 
 class _KeyState:
-    __slots__ = ("learned", "paused_until", "probe", "requests", "shrunk_at", "tokens")
+    __slots__ = ("head", "learned", "line", "paused_until", "probe", "requests", "shrunk_at", "tokens", "wakeup")
 
-    def __init__(self, limits: Limits, headroom: float, initial_burst: float, now: float) -> None:
+    def __init__(self, limits: Limits, headroom: float, initial_burst: float, now: float, lock: threading.Lock) -> None:
         self.requests = _Bucket(limits.rpm, headroom, initial_burst, now)
         self.tokens = _Bucket(limits.tpm, headroom, initial_burst, now)
         # With no limit given at all, one request (the probe) goes first to learn them from headers,
@@ -145,32 +135,25 @@ class _KeyState:
         self.probe: Optional[Reservation] = None
         self.paused_until = -math.inf
         self.shrunk_at = -math.inf
+        self.head = False  # someone is at the head of the line
+        self.line: Deque[_Ticket] = deque()
+        self.wakeup = threading.Condition(lock)  # the head waits here; refunds and pauses notify it
 
 
 class Reservation:
-    """A booked place in line: one request and ``tokens`` tokens, usable from ``ready_at`` on.
+    """One request and ``tokens`` tokens taken from a key's budget at ``ready_at`` (monotonic seconds).
 
     Obtained from :meth:`RateLimiter.acquire`; end it with :meth:`RateLimiter.settle` once the request
     was sent, or :meth:`RateLimiter.cancel` if it never was.
     """
 
-    __slots__ = ("booked_at", "done", "key", "marks", "prev_stamps", "probe", "ready_at", "tokens")
+    __slots__ = ("done", "key", "marks", "probe", "ready_at", "tokens")
 
-    def __init__(
-        self,
-        key: LimitKey,
-        tokens: int,
-        ready_at: float,
-        booked_at: float,
-        marks: Tuple[float, float],
-        prev_stamps: Tuple[float, float],
-    ) -> None:
+    def __init__(self, key: LimitKey, tokens: int, ready_at: float, marks: Tuple[float, float]) -> None:
         self.key = key
         self.tokens = tokens
         self.ready_at = ready_at
-        self.booked_at = booked_at
-        self.marks = marks  # each bucket's `booked` total right after this booking
-        self.prev_stamps = prev_stamps  # each bucket's `stamp` right before it
+        self.marks = marks  # each bucket's `booked` total right after this reservation
         self.probe = False
         self.done = False
 
@@ -187,7 +170,8 @@ class RateLimiter:
     - ``headroom``: fraction of each rate left unused to absorb clock and network jitter (default 0.02).
     - ``initial_burst``: seconds of budget that may be spent at once before the server's headers show
       that more is available (default 1.0: start conservatively, as servers may enforce per second).
-    - ``clock`` / ``sleep``: injectable for tests; ``clock`` must be monotonic, in seconds.
+    - ``clock``: monotonic seconds. ``sleep``: for tests with a fake clock, how the head waits; by
+      default it waits on a condition that refunds and pauses can cut short.
     """
 
     def __init__(
@@ -199,7 +183,7 @@ class RateLimiter:
         headroom: float = 0.02,
         initial_burst: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Optional[Callable[[float], None]] = None,
     ) -> None:
         self._default = Limits(rpm=rpm, tpm=tpm)
         self._limits: Dict[str, Limits] = {}
@@ -220,7 +204,6 @@ class RateLimiter:
         self._clock = clock
         self._sleep = sleep
         self._lock = threading.Lock()
-        self._probe_done = threading.Condition(self._lock)
         self._keys: Dict[LimitKey, _KeyState] = {}
 
     def limits_for(self, model: str) -> Limits:
@@ -231,63 +214,111 @@ class RateLimiter:
         state = self._keys.get(key)
         if state is None:
             limits = self.limits_for(key[1])
-            state = self._keys[key] = _KeyState(limits, self._headroom, self._initial_burst, now)
+            state = self._keys[key] = _KeyState(limits, self._headroom, self._initial_burst, now, self._lock)
         return state
 
     # -- taking capacity -------------------------------------------------------------------------
 
     def acquire(self, key: LimitKey, tokens: int, *, timeout: Optional[float] = None) -> Reservation:
-        """Reserve one request and ``tokens`` tokens, and wait until they may be used.
+        """Wait for one request and ``tokens`` tokens of ``key``'s budget, and take them.
 
-        ``timeout`` (seconds): the longest this call may wait; ``None`` waits as long as needed. When
-        capacity is further away than that, :class:`RateLimitTimeout` is raised at once, without waiting,
-        and nothing stays booked. A cost above the whole per-minute token limit raises
-        :class:`RequestTooLarge` at once. An interrupted wait (Ctrl-C) gives the reservation back.
+        Callers are served first come, first served. ``timeout`` (seconds): the longest this call may
+        wait; ``None`` waits as long as needed. When capacity is known to be further away than that,
+        :class:`RateLimitTimeout` is raised at once rather than after waiting. A cost above the whole
+        per-minute token limit raises :class:`RequestTooLarge` at once. A wait that ends in an exception
+        (a timeout, Ctrl-C) takes nothing.
         """
         start = self._clock()
         deadline = math.inf if timeout is None else start + timeout
+        ticket: Optional[_Ticket] = None
         with self._lock:
             state = self._state(key, start)
-            while not state.learned and state.probe is not None:
-                remaining = deadline - self._clock()
-                if remaining <= 0:
-                    raise RateLimitTimeout(key[1], retry_after=1.0, max_wait=timeout or 0.0)
-                self._probe_done.wait(None if remaining == math.inf else remaining)
-            reservation = self._reserve_locked(key, state, tokens)
+            limit = state.tokens.limit
+            if limit is not None and tokens > limit:
+                raise RequestTooLarge(key[1], tokens, limit)
+            if state.head or state.line:
+                ticket = _Ticket()
+                state.line.append(ticket)
+            else:
+                state.head = True
+        if ticket is not None:
+            self._wait_in_line(key, state, ticket, deadline, timeout)
         try:
-            self._wait(reservation, deadline, timeout)
+            with self._lock:
+                return self._take_as_head(key, state, tokens, deadline, timeout)
+        finally:
+            with self._lock:
+                if state.line:
+                    state.line.popleft().turn.set()  # the head role passes on; `head` stays True
+                else:
+                    state.head = False
+
+    def _wait_in_line(
+        self, key: LimitKey, state: _KeyState, ticket: _Ticket, deadline: float, timeout: Optional[float]
+    ) -> None:
+        with self._lock:
+            # Each caller ahead needs one request: a bound on the wait that no refund can shorten.
+            ahead = len(state.line)  # the callers before us in line, plus the head
+            bucket = state.requests
+            now = self._clock()
+            if bucket.active:
+                bucket.advance(now)
+                soonest = max(now + max(0.0, ahead + 1 - bucket.level) / bucket.rate, state.paused_until)
+                if soonest > deadline:
+                    state.line.remove(ticket)
+                    raise RateLimitTimeout(key[1], retry_after=soonest - now, max_wait=timeout or 0.0)
+        try:
+            got = ticket.turn.wait(None if deadline == math.inf else max(0.0, deadline - self._clock()))
         except BaseException:
-            self.cancel(reservation)
+            got = False
             raise
-        return reservation
+        finally:
+            if not got:
+                with self._lock:
+                    if ticket in state.line:
+                        state.line.remove(ticket)
+                    elif state.line:  # made head just as we gave up: pass it on
+                        state.line.popleft().turn.set()
+                    else:
+                        state.head = False
+        if not got:
+            raise RateLimitTimeout(key[1], retry_after=timeout or 0.0, max_wait=timeout or 0.0)
 
-    def _reserve_locked(self, key: LimitKey, state: _KeyState, tokens: int) -> Reservation:
-        now = self._clock()
-        limit = state.tokens.limit
-        if limit is not None and tokens > limit:
-            raise RequestTooLarge(key[1], tokens, limit)
-        ready_at = max(state.requests.earliest(1, now), state.tokens.earliest(tokens, now), state.paused_until)
-        prev_stamps = (state.requests.stamp, state.tokens.stamp)
-        state.requests.take_at(1, ready_at)
-        state.tokens.take_at(tokens, ready_at)
-        marks = (state.requests.booked, state.tokens.booked)
-        reservation = Reservation(key, tokens, ready_at, now, marks, prev_stamps)
-        if not state.learned:
-            state.probe = reservation
-            reservation.probe = True
-        return reservation
-
-    def _wait(self, reservation: Reservation, deadline: float, timeout: Optional[float]) -> None:
-        state = self._keys[reservation.key]
+    def _take_as_head(
+        self, key: LimitKey, state: _KeyState, tokens: int, deadline: float, timeout: Optional[float]
+    ) -> Reservation:
         while True:
-            # A 429 elsewhere may have paused the key since we booked: look again after each sleep.
-            target = max(reservation.ready_at, state.paused_until)
-            delay = target - self._clock()
-            if delay <= 0:
-                return
-            if target > deadline:
-                raise RateLimitTimeout(reservation.key[1], retry_after=delay, max_wait=timeout or 0.0)
-            self._sleep(delay)
+            now = self._clock()
+            if not state.learned and state.probe is not None:
+                go_at = deadline  # until the probe's answer arrives; its end wakes us
+                if now >= deadline:
+                    raise RateLimitTimeout(key[1], retry_after=1.0, max_wait=timeout or 0.0)
+            else:
+                state.requests.advance(now)
+                state.tokens.advance(now)
+                go_at = max(state.requests.earliest(1, now), state.tokens.earliest(tokens, now), state.paused_until)
+                if go_at <= now:
+                    state.requests.take(1)
+                    state.tokens.take(tokens)
+                    reservation = Reservation(key, tokens, now, (state.requests.booked, state.tokens.booked))
+                    if not state.learned:
+                        state.probe = reservation
+                        reservation.probe = True
+                    return reservation
+                if go_at > deadline:
+                    raise RateLimitTimeout(key[1], retry_after=go_at - now, max_wait=timeout or 0.0)
+            self._wait_locked(state, go_at - now)
+
+    def _wait_locked(self, state: _KeyState, seconds: float) -> None:
+        """Wait (the lock held on entry and exit) up to ``seconds``, or less if notified."""
+        if self._sleep is None:
+            state.wakeup.wait(None if seconds == math.inf else seconds)
+            return
+        self._lock.release()
+        try:
+            self._sleep(seconds)
+        finally:
+            self._lock.acquire()
 
     # -- ending a reservation --------------------------------------------------------------------
 
@@ -298,9 +329,12 @@ class RateLimiter:
                 return
             reservation.done = True
             state = self._keys[reservation.key]
-            state.requests.unbook(1.0, reservation.marks[0], reservation.prev_stamps[0])
-            state.tokens.unbook(float(reservation.tokens), reservation.marks[1], reservation.prev_stamps[1])
+            now = self._clock()
+            for bucket, units in ((state.requests, 1.0), (state.tokens, float(reservation.tokens))):
+                bucket.advance(now)
+                bucket.give_back(units)
             self._end_probe(state, reservation, learned=False)
+            state.wakeup.notify()
 
     def settle(self, reservation: Reservation, used_tokens: Optional[int]) -> None:
         """End a sent request: charge its real token usage instead of the estimate.
@@ -314,19 +348,20 @@ class RateLimiter:
             reservation.done = True
             state = self._keys[reservation.key]
             if used_tokens is not None and state.tokens.active:
-                state.tokens.move_to(self._clock())
+                state.tokens.advance(self._clock())
                 extra = used_tokens - reservation.tokens
                 if extra > 0:
-                    state.tokens.take_at(extra, state.tokens.stamp)
+                    state.tokens.take(extra)
                 else:
                     state.tokens.give_back(-extra)
+                    state.wakeup.notify()
             self._end_probe(state, reservation, learned=False)
 
     def _end_probe(self, state: _KeyState, reservation: Reservation, *, learned: bool) -> None:
         if state.probe is reservation:
             state.probe = None
             state.learned = state.learned or learned
-            self._probe_done.notify_all()
+            state.wakeup.notify()
 
     # -- learning from the server ----------------------------------------------------------------
 
@@ -334,8 +369,8 @@ class RateLimiter:
         """Update the limit of ``reservation``'s key from the headers of the response to it.
 
         Learns the per-minute limits (the lower of the configured and the server's wins), the burst the
-        server allows (at least ``remaining`` + this request's cost), and lowers or raises the level to
-        what the server says remains, minus what we booked after this request was booked.
+        server allows (at least ``remaining`` + this request's cost), and sets the level to what the
+        server says remains, less what we took after this request and a jitter margin.
         """
         with self._lock:
             state = self._keys[reservation.key]
@@ -346,29 +381,26 @@ class RateLimiter:
                     state.tokens,
                     headers.limit_tokens,
                     headers.remaining_tokens,
-                    float(reservation.tokens),
+                    reservation.tokens,
                     reservation.marks[1],
                 ),
             )
             for bucket, limit, remaining, cost, mark in pairs:
-                bucket.move_to(now)
+                bucket.advance(now)
                 if limit is not None and limit != bucket.limit:
                     was_active = bucket.active
                     bucket.set_limit(min(limit, bucket.configured or math.inf), self._headroom)
                     if not was_active:
-                        bucket.capacity = bucket.level = min(
-                            bucket.ceiling, max(bucket.rate * self._initial_burst, 1.0)
-                        )
+                        bucket.start(self._initial_burst)
                 if remaining is None or not bucket.active:
                     continue
                 margin = bucket.rate * _JITTER_SECONDS
                 bucket.capacity = min(bucket.ceiling, max(bucket.capacity, remaining + cost - margin))
-                # What the server had left, less what we booked since, refilled up to our last booking.
-                seen = remaining - margin - (bucket.booked - mark) + (bucket.stamp - now) * bucket.rate
-                bucket.level = min(bucket.capacity, seen)
+                bucket.level = min(bucket.capacity, remaining - margin - (bucket.booked - mark))
             # Any answer from the server ends the probe: with headers the limits are now known, and a
             # server that sends none will not send them later either.
             self._end_probe(state, reservation, learned=True)
+            state.wakeup.notify()
 
     def pause(self, reservation: Reservation, seconds: float, kind: str = "") -> None:
         """The server refused ``reservation`` with a rate-limit 429: every caller of its key waits
@@ -378,16 +410,14 @@ class RateLimiter:
             state = self._keys[reservation.key]
             now = self._clock()
             state.paused_until = max(state.paused_until, now + seconds)
-            if reservation.booked_at <= state.shrunk_at:
+            if reservation.ready_at <= state.shrunk_at:
                 return
             state.shrunk_at = now
-            buckets = {"requests": (state.requests,), "tokens": (state.tokens,)}.get(
-                kind, (state.requests, state.tokens)
-            )
-            for bucket in buckets:
+            named = {"requests": (state.requests,), "tokens": (state.tokens,)}
+            for bucket in named.get(kind, (state.requests, state.tokens)):
                 if not bucket.active:
                     continue
-                bucket.move_to(now)
+                bucket.advance(now)
                 floor = max(bucket.rate * _MIN_BURST_SECONDS, 1.0)
                 bucket.ceiling = max(floor, bucket.capacity / 2)
                 bucket.capacity = min(bucket.capacity, bucket.ceiling)
@@ -396,17 +426,20 @@ class RateLimiter:
     # -- looking at it ---------------------------------------------------------------------------
 
     def snapshot(self) -> Dict[str, Dict[str, Optional[float]]]:
-        """Per-model state for debugging: limits, rates per second, burst, level and pause."""
+        """Per-model state for debugging: limits, burst, level now, callers waiting, pause left."""
         with self._lock:
             now = self._clock()
             out: Dict[str, Dict[str, Optional[float]]] = {}
             for (_, model), state in self._keys.items():
-                entry: Dict[str, Optional[float]] = {"paused_for": max(0.0, state.paused_until - now)}
+                entry: Dict[str, Optional[float]] = {
+                    "paused_for": max(0.0, state.paused_until - now),
+                    "waiting": len(state.line) + int(state.head),
+                }
                 for name, bucket in (("requests", state.requests), ("tokens", state.tokens)):
+                    bucket.advance(now)
                     entry[f"{name}_limit"] = bucket.limit
                     entry[f"{name}_burst"] = bucket.capacity if bucket.active else None
-                    # The level now; while calls are queued, what is left after the last booked one.
-                    entry[f"{name}_level"] = bucket.level_at(now) if bucket.active else None
+                    entry[f"{name}_level"] = bucket.level if bucket.active else None
                 out[model] = entry
             return out
 
@@ -415,7 +448,7 @@ class RateLimiter:
         for model, entry in self.snapshot().items():
             parts.append(
                 f"{model}: rpm={entry['requests_limit']} level={_fmt(entry['requests_level'])}, "
-                f"tpm={entry['tokens_limit']} level={_fmt(entry['tokens_level'])}"
+                f"tpm={entry['tokens_limit']} level={_fmt(entry['tokens_level'])}, waiting={entry['waiting']:.0f}"
                 + (f", paused {entry['paused_for']:.2f}s" if entry["paused_for"] else "")
             )
         default = f"rpm={self._default.rpm} tpm={self._default.tpm}"
