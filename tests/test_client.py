@@ -89,6 +89,27 @@ def test_many_threads_stay_under_a_strict_limit() -> None:
         assert client.stats().calls == 120
 
 
+def test_unknown_limits_are_probed_before_a_stampede() -> None:
+    # No limits given; a strict server (10 requests of burst). 32 threads start at once: one probe
+    # learns the limits from its headers, then everyone stays under them.
+    with FakeOpenAI(rpm=600, tpm=1_000_000, bucket_seconds=1.0) as server:
+        client = client_for(server)
+        with ThreadPoolExecutor(32) as pool:
+            list(pool.map(lambda _: client.chat.completions.create(**CHAT), range(40)))
+        assert server.stats()["admitted"] == 40
+        assert server.stats()["rate_limited"] <= 4
+
+
+def test_the_retry_deadline_bounds_the_whole_call(server: FakeOpenAI) -> None:
+    client = client_for(server, retry=Retry(max_retries=100, backoff_base=0.2, backoff_max=0.4, deadline=1.0))
+    server.inject("500", count=1000)
+    started = time.monotonic()
+    with pytest.raises(openai.InternalServerError):
+        client.chat.completions.create(**CHAT)
+    assert time.monotonic() - started < 3.0
+    assert 2 <= server.stats()["requests"] < 100
+
+
 def test_server_errors_are_retried(server: FakeOpenAI) -> None:
     client = client_for(server)
     server.inject("500", count=2)
