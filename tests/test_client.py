@@ -100,6 +100,41 @@ def test_unknown_limits_are_probed_before_a_stampede() -> None:
         assert server.stats()["rate_limited"] <= 4
 
 
+def test_a_failed_probe_does_not_release_a_stampede() -> None:
+    with FakeOpenAI(rpm=120, bucket_seconds=1.0, latency=0.05) as server:
+        client = client_for(server, retry=0)
+        server.inject("500")  # the probe's answer carries no limits
+
+        def one(_: int) -> str:
+            try:
+                client.chat.completions.create(**CHAT)
+            except openai.InternalServerError:
+                return "500"
+            return "ok"
+
+        with ThreadPoolExecutor(20) as pool:
+            outcomes = list(pool.map(one, range(20)))
+        assert sorted(outcomes) == ["500"] + ["ok"] * 19
+        assert server.stats()["rate_limited"] == 0
+
+
+def test_raw_responses_are_settled_against_their_usage(server: FakeOpenAI) -> None:
+    client = client_for(server, tpm=1_000_000)
+    raw = client.chat.completions.with_raw_response.create(**CHAT)
+    assert raw.parse().usage.total_tokens == client.stats().tokens_used > 0
+
+
+def test_key_providers_are_separate_accounts(server: FakeOpenAI) -> None:
+    if "api_key" not in __import__("inspect").signature(openai.OpenAI).parameters:
+        pytest.skip("no api_key parameter")
+    try:
+        first = ThrottledClient(base_url=server.base_url, api_key=lambda: "sk-one")
+        second = ThrottledClient(base_url=server.base_url, api_key=lambda: "sk-two")
+    except Exception:
+        pytest.skip("this SDK version takes no key provider")
+    assert first._account != second._account
+
+
 def test_the_retry_deadline_bounds_the_whole_call(server: FakeOpenAI) -> None:
     client = client_for(server, retry=Retry(max_retries=100, backoff_base=0.2, backoff_max=0.4, deadline=1.0))
     server.inject("500", count=1000)

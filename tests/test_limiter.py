@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import time
@@ -33,6 +34,7 @@ class FakeClock:
 
 def make(clock: FakeClock, **kwargs: object) -> RateLimiter:
     kwargs.setdefault("headroom", 0.0)
+    kwargs.setdefault("initial_burst", 1.15)  # one second's budget, after the 0.15 s jitter margin
     return RateLimiter(clock=clock, sleep=clock.sleep, **kwargs)  # type: ignore[arg-type]
 
 
@@ -57,7 +59,7 @@ def test_requests_and_tokens_are_taken_together() -> None:
 
 def test_callers_are_served_first_come_first_served() -> None:
     """Small calls do not overtake a large one that came first: no caller can starve."""
-    limiter = RateLimiter(tpm=6000, headroom=0)  # 100 tokens per second, burst 100
+    limiter = RateLimiter(tpm=6000, headroom=0, initial_burst=1.15)  # 100 tokens per second, burst 100
     limiter.acquire(KEY, 100)  # empties the bucket
     order: List[int] = []
     threads = []
@@ -75,7 +77,7 @@ def test_callers_are_served_first_come_first_served() -> None:
 
 
 def test_a_refund_lets_the_waiting_head_go_early() -> None:
-    limiter = RateLimiter(tpm=600, headroom=0)  # 10 tokens per second, burst 10
+    limiter = RateLimiter(tpm=600, headroom=0, initial_burst=1.15)  # 10 tokens per second, burst 10
     first = limiter.acquire(KEY, 10)
     went: List[float] = []
     thread = threading.Thread(target=lambda: (limiter.acquire(KEY, 10), went.append(time.monotonic())))
@@ -94,6 +96,32 @@ def test_cost_above_the_whole_minute_fails_at_once() -> None:
         limiter.acquire(KEY, 1001)
     assert clock.slept == []
     limiter.acquire(KEY, 1000)  # exactly the limit can pass, after waiting for the bucket to fill
+
+
+def test_callers_giving_up_never_leave_the_line_without_a_head() -> None:
+    """Many callers with tiny timeouts come and go while the head role is handed over: afterwards the
+    line must still work (a lost head would make every later caller wait forever)."""
+    import random
+
+    limiter = RateLimiter(rpm=600, headroom=0)
+    rng = random.Random(7)
+    timeouts = [rng.uniform(0, 0.05) for _ in range(120)]
+
+    def caller(timeout: float) -> None:
+        with contextlib.suppress(RateLimitTimeout):
+            limiter.acquire(KEY, 0, timeout=timeout)
+
+    threads = [threading.Thread(target=caller, args=(t,)) for t in timeouts]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert not any(thread.is_alive() for thread in threads)
+    state = limiter._keys[KEY]
+    assert not state.head and not state.line
+    done = threading.Event()
+    threading.Thread(target=lambda: (limiter.acquire(KEY, 0), done.set()), daemon=True).start()
+    assert done.wait(5)
 
 
 def test_timeout_raises_without_waiting_and_gives_the_reservation_back() -> None:
@@ -123,7 +151,7 @@ def test_interrupted_wait_gives_the_reservation_back() -> None:
 
 def test_settle_refunds_over_estimates_and_charges_under_estimates() -> None:
     clock = FakeClock()
-    limiter = make(clock, tpm=6000, initial_burst=1.0)  # 100 tokens/s, burst 100
+    limiter = make(clock, tpm=6000)  # 100 tokens/s, burst 100
     reservation = limiter.acquire(KEY, 80)
     limiter.settle(reservation, 30)
     assert limiter.snapshot()["gpt-test"]["tokens_level"] == pytest.approx(70.0)
@@ -179,6 +207,48 @@ def test_configured_limit_never_exceeds_what_the_server_says() -> None:
     assert nxt.ready_at > clock.now - 0.01 and clock.slept  # someone else used the budget: we wait
 
 
+def test_observe_counts_the_refill_during_the_request() -> None:
+    clock = FakeClock()
+    limiter = make(clock, rpm=600)  # 10 per second, burst 10
+    first = limiter.acquire(KEY, 0)
+    clock.now += 3.0  # a 3-second call; meanwhile the server refilled 30 requests' worth
+    limiter.observe(first, RateLimitHeaders(limit_requests=600, remaining_requests=0))
+    # remaining 0 at admission + 30 refilled - 1.5 margin, capped at the burst: not 0 - margin
+    assert limiter.snapshot()["gpt-test"]["requests_level"] == pytest.approx(10.0)
+
+
+def test_headers_only_lower_the_level_unless_the_burst_grows() -> None:
+    clock = FakeClock()
+    limiter = make(clock, rpm=600)
+    first = limiter.acquire(KEY, 0)
+    limiter.observe(first, RateLimitHeaders(limit_requests=600, remaining_requests=9))
+    level = limiter.snapshot()["gpt-test"]["requests_level"]
+    second = limiter.acquire(KEY, 0)
+    limiter.observe(second, RateLimitHeaders(limit_requests=600, remaining_requests=9))  # stale and rosy
+    assert limiter.snapshot()["gpt-test"]["requests_level"] == pytest.approx(level - 1)
+
+
+def test_a_refusal_with_headers_gives_the_tokens_back_once() -> None:
+    clock = FakeClock()
+    limiter = make(clock, tpm=6000)  # 100 tokens per second, burst 100
+    refused = limiter.acquire(KEY, 60)
+    limiter.observe(refused, RateLimitHeaders(limit_tokens=6000, remaining_tokens=100), status=429)
+    limiter.settle(refused, 0)
+    state = limiter.snapshot()["gpt-test"]
+    assert state["tokens_burst"] == pytest.approx(100.0)  # not 100 + 60: the server never took them
+    # given back once, then held to what the server said remains less the 0.15 s jitter margin
+    assert state["tokens_level"] == pytest.approx(100.0 - 15.0)
+
+
+def test_an_error_without_limits_does_not_end_probing() -> None:
+    limiter = RateLimiter()
+    probe = limiter.acquire(KEY, 1)
+    limiter.observe(probe, RateLimitHeaders(), status=500)  # no headers: learned nothing
+    limiter.settle(probe, None)
+    second = limiter.acquire(KEY, 1, timeout=1)
+    assert second.probe  # the next caller probes again instead of releasing everyone
+
+
 def test_only_one_probe_goes_first_when_limits_are_unknown() -> None:
     limiter = RateLimiter()
     probe = limiter.acquire(KEY, 1)
@@ -210,7 +280,7 @@ def test_probe_wait_respects_timeout() -> None:
 
 def test_a_429_pauses_everyone_and_shrinks_the_burst_once_per_burst() -> None:
     clock = FakeClock()
-    limiter = make(clock, rpm=600, initial_burst=6.0)  # burst of 60 requests
+    limiter = make(clock, rpm=600, initial_burst=6.15)  # burst of 60 requests
     burst = [limiter.acquire(KEY, 0) for _ in range(10)]
     limiter.pause(burst[0], 2.0, "requests")
     limiter.pause(burst[1], 2.0, "requests")  # same burst: no second shrink
@@ -281,7 +351,7 @@ def test_never_exceeds_the_limit_over_any_window(rpm: int, tpm: int, steps: list
     """Whatever the costs, idles and settlements: in every window of length w, the tokens used by calls
     that started in it stay within burst + rate × w (the bucket's promise), and so do the requests."""
     clock = FakeClock()
-    limiter = make(clock, rpm=rpm, tpm=tpm, initial_burst=1.0)
+    limiter = make(clock, rpm=rpm, tpm=tpm)
     events = []  # (start time, tokens used, tokens used beyond the estimate)
     for idle, fraction, used_fraction in steps:
         clock.now += idle

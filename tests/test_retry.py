@@ -95,6 +95,8 @@ def test_request_too_large_is_never_retried() -> None:
         (500, True),
         (502, True),
         (503, True),
+        (520, True),
+        (529, True),
     ],
 )
 def test_statuses(status: int, retry: bool) -> None:
@@ -121,7 +123,15 @@ def test_attempts_run_out() -> None:
 
 def test_too_long_retry_after_is_not_waited_for() -> None:
     decision = Retry(max_retry_after=10).decide(rate_limit(**{"retry-after": "60"}), 1)
-    assert not decision.retry
+    assert not decision.retry and not decision.pause_all
+    per_day = rate_limit(kind="requests", message="... requests per day (RPD) ... Please try again in 28m48s.")
+    decision = Retry().decide(per_day, 1)
+    assert not decision.retry and not decision.pause_all  # nobody else is held up for half an hour
+
+
+def test_the_last_rate_limit_still_pauses_the_others() -> None:
+    decision = Retry(max_retries=1).decide(rate_limit(), 2)
+    assert not decision.retry and decision.pause_all and decision.delay == pytest.approx(1.5)
 
 
 def test_policy_is_immutable_and_validated() -> None:

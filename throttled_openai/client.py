@@ -16,6 +16,7 @@ How it hooks into the SDK, and why:
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import threading
@@ -55,7 +56,7 @@ def _on_response(response: Any) -> None:
     """httpx response hook: feed this thread's attempt the rate-limit headers, before the body is read."""
     attempt: Optional[_Attempt] = getattr(_current, "attempt", None)
     if attempt is not None:
-        attempt.limiter.observe(attempt.reservation, parse_rate_limit_headers(response.headers))
+        attempt.limiter.observe(attempt.reservation, parse_rate_limit_headers(response.headers), response.status_code)
 
 
 def _account_hash(api_key: object, base_url: object) -> str:
@@ -127,9 +128,11 @@ class _ThrottledMixin:
         if _on_response not in hooks["response"]:
             hooks["response"] = [*hooks["response"], _on_response]
             http_client.event_hooks = hooks
+        key_provider = kwargs.get("api_key") if callable(kwargs.get("api_key")) else None
         # Our retry loop replaces the SDK's: with both, every attempt of ours would be up to 3 of theirs.
         super().__init__(max_retries=0, **kwargs)  # type: ignore[call-arg]
-        self._account = _account_hash(getattr(self, "api_key", None), getattr(self, "base_url", ""))
+        secret = key_provider or getattr(self, "api_key", None)
+        self._account = _account_hash(secret, getattr(self, "base_url", ""))
 
     # -- public surface --------------------------------------------------------------------------
 
@@ -204,12 +207,12 @@ class _ThrottledMixin:
             except BaseException:
                 stats.failed_call()
                 raise
-            waited = time.monotonic() - before
-            waited_total += waited
-            stats.attempt(cost, waited)
-            # 2. Send through the SDK; the response hook reports the headers to the limiter.
-            _current.attempt = _Attempt(limiter, reservation)
             try:
+                waited = time.monotonic() - before
+                waited_total += waited
+                stats.attempt(cost, waited)
+                # 2. Send through the SDK; the response hook reports the headers to the limiter.
+                _current.attempt = _Attempt(limiter, reservation)
                 result = super().request(cast_to, options, *args, **kwargs)  # type: ignore[misc]
             except (openai.APIStatusError, openai.APIConnectionError) as error:
                 # 3a. Failed: charge what the server likely counted, then ask the policy.
@@ -245,11 +248,26 @@ class _ThrottledMixin:
             finally:
                 _current.attempt = None
             # 3b. Done: charge the real usage instead of the estimate.
-            used = None if kwargs.get("stream") else usage_tokens(getattr(result, "usage", None))
+            used = None if kwargs.get("stream") else _usage_of(result)
             limiter.settle(reservation, used)
             if used is not None:
                 stats.used(used)
             return result
+
+
+def _usage_of(result: Any) -> Optional[int]:
+    """Tokens used according to a call's result: a parsed model, or a raw response already read."""
+    usage = getattr(result, "usage", None)
+    if usage is not None:
+        return usage_tokens(usage)
+    http_response = getattr(result, "http_response", None)  # with_raw_response
+    if http_response is None:
+        return None
+    try:
+        body = json.loads(http_response.content)  # raises if the body was not read (streaming)
+    except Exception:
+        return None
+    return usage_tokens(body.get("usage")) if isinstance(body, dict) else None
 
 
 def _remaining(max_wait: Optional[float], waited: float, deadline: Optional[float], started: float) -> Optional[float]:

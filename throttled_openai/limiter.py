@@ -90,7 +90,8 @@ class _Bucket:
         self.ceiling = min(self.ceiling, limit)
 
     def start(self, initial_burst: float) -> None:
-        self.capacity = self.level = min(self.ceiling, max(self.rate * initial_burst, 1.0))
+        burst = self.rate * max(initial_burst - _JITTER_SECONDS, initial_burst / 2)
+        self.capacity = self.level = min(self.ceiling, max(burst, 1.0))
 
     def advance(self, now: float) -> None:
         if now > self.stamp:
@@ -137,7 +138,7 @@ class _KeyState:
         self.shrunk_at = -math.inf
         self.head = False  # someone is at the head of the line
         self.line: Deque[_Ticket] = deque()
-        self.wakeup = threading.Condition(lock)  # the head waits here; refunds and pauses notify it
+        self.wakeup = threading.Condition(lock)  # the head waits here; refunds and answers notify it
 
 
 class Reservation:
@@ -147,7 +148,7 @@ class Reservation:
     was sent, or :meth:`RateLimiter.cancel` if it never was.
     """
 
-    __slots__ = ("done", "key", "marks", "probe", "ready_at", "tokens")
+    __slots__ = ("done", "key", "marks", "probe", "ready_at", "refused", "tokens")
 
     def __init__(self, key: LimitKey, tokens: int, ready_at: float, marks: Tuple[float, float]) -> None:
         self.key = key
@@ -156,6 +157,7 @@ class Reservation:
         self.marks = marks  # each bucket's `booked` total right after this reservation
         self.probe = False
         self.done = False
+        self.refused = False  # the server answered with an error: it took none of our tokens
 
     def __repr__(self) -> str:
         return f"<Reservation model={self.key[1]!r} tokens={self.tokens} ready_at={self.ready_at:.3f}>"
@@ -237,52 +239,39 @@ class RateLimiter:
             if limit is not None and tokens > limit:
                 raise RequestTooLarge(key[1], tokens, limit)
             if state.head or state.line:
+                soonest = self._projected_turn(state, start)
+                if soonest > deadline:
+                    raise RateLimitTimeout(key[1], retry_after=soonest - start, max_wait=timeout or 0.0)
                 ticket = _Ticket()
                 state.line.append(ticket)
             else:
                 state.head = True
-        if ticket is not None:
-            self._wait_in_line(key, state, ticket, deadline, timeout)
         try:
+            if ticket is not None:
+                left = None if deadline == math.inf else max(0.0, deadline - self._clock())
+                if not ticket.turn.wait(left):
+                    raise RateLimitTimeout(key[1], retry_after=timeout or 0.0, max_wait=timeout or 0.0)
             with self._lock:
                 return self._take_as_head(key, state, tokens, deadline, timeout)
         finally:
+            # However this ends (taken, timed out, interrupted): leave the line, or pass the head role on.
             with self._lock:
-                if state.line:
-                    state.line.popleft().turn.set()  # the head role passes on; `head` stays True
+                if ticket is not None and ticket in state.line:
+                    state.line.remove(ticket)  # never became head
+                elif state.line:
+                    state.line.popleft().turn.set()  # `head` stays True: the next caller holds it
                 else:
                     state.head = False
 
-    def _wait_in_line(
-        self, key: LimitKey, state: _KeyState, ticket: _Ticket, deadline: float, timeout: Optional[float]
-    ) -> None:
-        with self._lock:
-            # Each caller ahead needs one request: a bound on the wait that no refund can shorten.
-            ahead = len(state.line)  # the callers before us in line, plus the head
-            bucket = state.requests
-            now = self._clock()
-            if bucket.active:
-                bucket.advance(now)
-                soonest = max(now + max(0.0, ahead + 1 - bucket.level) / bucket.rate, state.paused_until)
-                if soonest > deadline:
-                    state.line.remove(ticket)
-                    raise RateLimitTimeout(key[1], retry_after=soonest - now, max_wait=timeout or 0.0)
-        try:
-            got = ticket.turn.wait(None if deadline == math.inf else max(0.0, deadline - self._clock()))
-        except BaseException:
-            got = False
-            raise
-        finally:
-            if not got:
-                with self._lock:
-                    if ticket in state.line:
-                        state.line.remove(ticket)
-                    elif state.line:  # made head just as we gave up: pass it on
-                        state.line.popleft().turn.set()
-                    else:
-                        state.head = False
-        if not got:
-            raise RateLimitTimeout(key[1], retry_after=timeout or 0.0, max_wait=timeout or 0.0)
+    def _projected_turn(self, state: _KeyState, now: float) -> float:
+        """When a caller joining the line now could go, if every caller ahead takes one request: a
+        projection (callers ahead may give up), used to refuse at once a wait that ``timeout`` forbids."""
+        bucket = state.requests
+        if not bucket.active:
+            return state.paused_until
+        bucket.advance(now)
+        ahead = len(state.line) + 1  # the line plus the head
+        return max(now + max(0.0, ahead + 1 - bucket.level) / bucket.rate, state.paused_until)
 
     def _take_as_head(
         self, key: LimitKey, state: _KeyState, tokens: int, deadline: float, timeout: Optional[float]
@@ -347,7 +336,8 @@ class RateLimiter:
                 return
             reservation.done = True
             state = self._keys[reservation.key]
-            if used_tokens is not None and state.tokens.active:
+            # A refusal whose headers were observed already left our tokens out of the level.
+            if used_tokens is not None and state.tokens.active and not reservation.refused:
                 state.tokens.advance(self._clock())
                 extra = used_tokens - reservation.tokens
                 if extra > 0:
@@ -365,16 +355,21 @@ class RateLimiter:
 
     # -- learning from the server ----------------------------------------------------------------
 
-    def observe(self, reservation: Reservation, headers: RateLimitHeaders) -> None:
+    def observe(self, reservation: Reservation, headers: RateLimitHeaders, status: int = 200) -> None:
         """Update the limit of ``reservation``'s key from the headers of the response to it.
 
-        Learns the per-minute limits (the lower of the configured and the server's wins), the burst the
-        server allows (at least ``remaining`` + this request's cost), and sets the level to what the
-        server says remains, less what we took after this request and a jitter margin.
+        Learns the per-minute limits (the lower of the configured and the server's wins) and the burst
+        the server allows (at least ``remaining`` + this request's cost). The level only goes *down* to
+        what the server says remains (plus its refill since this request, less what we took after it
+        and a jitter margin): other processes sharing the limit show up there. It goes up only by
+        burst newly discovered. ``status``: the response's HTTP status; a refusal took no tokens.
         """
         with self._lock:
             state = self._keys[reservation.key]
             now = self._clock()
+            accepted = 200 <= status < 300
+            reservation.refused = not accepted
+            elapsed = max(0.0, now - reservation.ready_at)
             pairs = (
                 (state.requests, headers.limit_requests, headers.remaining_requests, 1.0, reservation.marks[0]),
                 (
@@ -395,11 +390,17 @@ class RateLimiter:
                 if remaining is None or not bucket.active:
                     continue
                 margin = bucket.rate * _JITTER_SECONDS
-                bucket.capacity = min(bucket.ceiling, max(bucket.capacity, remaining + cost - margin))
-                bucket.level = min(bucket.capacity, remaining - margin - (bucket.booked - mark))
-            # Any answer from the server ends the probe: with headers the limits are now known, and a
-            # server that sends none will not send them later either.
-            self._end_probe(state, reservation, learned=True)
+                taken = cost if accepted else 0.0
+                if not accepted:
+                    bucket.give_back(cost)  # the server took none of it (and `settle` will not refund it)
+                grown = max(0.0, min(bucket.ceiling, remaining + taken - margin) - bucket.capacity)
+                bucket.capacity += grown
+                seen = remaining + bucket.rate * elapsed - margin - (bucket.booked - mark)
+                bucket.level = min(bucket.level + grown, bucket.capacity, seen)
+            # A success ends the probe: with headers the limits are now known, and a server that sends
+            # none will not send them later either. An error without limits lets the next caller probe.
+            learned = accepted or headers.limit_requests is not None or headers.limit_tokens is not None
+            self._end_probe(state, reservation, learned=learned)
             state.wakeup.notify()
 
     def pause(self, reservation: Reservation, seconds: float, kind: str = "") -> None:

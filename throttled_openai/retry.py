@@ -20,8 +20,8 @@ from .headers import parse_retry_after, parse_try_again
 
 __all__ = ["NEVER_RETRY_CODES", "RETRY_STATUS_CODES", "Decision", "Retry"]
 
-#: Statuses worth another attempt: timeout, conflict, rate limit and server errors.
-RETRY_STATUS_CODES = frozenset([408, 409, 429, 500, 502, 503, 504])
+#: Statuses below 500 worth another attempt (every 5xx is): timeout, conflict, rate limit.
+RETRY_STATUS_CODES = frozenset([408, 409, 429])
 
 #: 429 codes that no amount of waiting fixes: the account has no quota or money left.
 NEVER_RETRY_CODES = frozenset(
@@ -130,13 +130,17 @@ class Retry:
         ``max_retries`` is part of the verdict; the deadline is the caller's to check against ``delay``.
         """
         kind, retryable, rate_limited = self.classify(error)
-        if not retryable or retry_number > self.max_retries:
+        if not retryable:
             return Decision(False, 0.0, False, kind)
         delay = self.server_delay(error)
+        if delay is not None and delay > self.max_retry_after:
+            # Not worth waiting (e.g. a per-day limit): raise, and hold nobody else up for it either.
+            return Decision(False, delay, False, kind)
+        if retry_number > self.max_retries:
+            # This call gives up, but a rate limit still holds for everyone sharing it.
+            return Decision(False, delay or 0.0, rate_limited and delay is not None, kind)
         if delay is None:
             delay = self.backoff(retry_number, rng)
-        elif delay > self.max_retry_after:
-            return Decision(False, delay, rate_limited, kind)
         else:
             delay += (rng or random).uniform(0.0, 0.1 * delay)
         return Decision(True, delay, rate_limited, kind)
@@ -162,8 +166,10 @@ class Retry:
             return label, should_retry != "false", True
         if should_retry in ("true", "false"):
             return f"status_{status}", should_retry == "true", False
+        if status >= 500:
+            return "server_error", True, False
         if status in RETRY_STATUS_CODES:
-            return ("server_error" if status >= 500 else f"status_{status}"), True, False
+            return f"status_{status}", True, False
         return f"status_{status}", False, False
 
 
