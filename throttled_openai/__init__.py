@@ -5,10 +5,12 @@ tokens-per-minute limiter, is retried by one :class:`Retry` policy, and is settl
 token usage. See README.md for the tour.
 """
 
+from .batching import IncompleteResponse
 from .client import ThrottledAzureClient, ThrottledClient
-from .errors import RateLimitTimeout, RequestTooLarge, ThrottledOpenAIError
+from .errors import Cancelled, RateLimitTimeout, RequestTooLarge, ThrottledOpenAIError
 from .headers import RateLimitHeaders, parse_rate_limit_headers
 from .limiter import Limits, RateLimiter, Reservation
+from .mapping import BulkError, BulkInterrupted, BulkTimeout, Progress
 from .retry import Retry
 from .stats import StatsSnapshot
 from .tokens import TokenCounter, estimate_cost
@@ -16,7 +18,13 @@ from .tokens import TokenCounter, estimate_cost
 __version__ = "0.1.0"
 
 __all__ = [
+    "BulkError",
+    "BulkInterrupted",
+    "BulkTimeout",
+    "Cancelled",
+    "IncompleteResponse",
     "Limits",
+    "Progress",
     "RateLimitHeaders",
     "RateLimitTimeout",
     "RateLimiter",

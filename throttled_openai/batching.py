@@ -12,7 +12,7 @@ answer.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Generic, Iterable, Iterator, List, Optional, Sequence, Tuple, TypeVar, Union
+from typing import Any, Callable, Generic, Hashable, Iterable, Iterator, List, Optional, Sequence, Tuple, TypeVar, Union
 
 from .errors import ThrottledOpenAIError
 
@@ -50,19 +50,24 @@ class Batch(Generic[T]):
 
 
 def pack(
-    items: Iterable[Tuple[int, T, int]], max_items: int, max_cost: Callable[[], Optional[int]]
+    items: Iterable[Tuple[int, T, int]],
+    max_items: int,
+    max_cost: Callable[[], Optional[int]],
+    kind: Optional[Callable[[T], Hashable]] = None,
 ) -> Iterator[Batch[T]]:
     """Group consecutive ``(position, item, cost)`` into batches of at most ``max_items`` items whose
     costs add up to at most ``max_cost()`` (read for every batch: the limiter learns the budget as it
-    goes; ``None`` is no bound). An item costlier than the budget goes alone: the limiter decides if
-    it can ever pass. Lazy: reads one item past the batch it yields, no more.
+    goes; ``None`` is no bound) and, if ``kind`` is given, whose items are all of one kind (a request
+    cannot mix text prompts and token prompts). An item costlier than the budget goes alone: the
+    limiter decides if it can ever pass. Lazy: reads one item past the batch it yields, no more.
     """
     positions: List[int] = []
     batch: List[T] = []
     total = 0
     budget = max_cost()
     for position, item, cost in items:
-        if batch and (len(batch) >= max_items or (budget is not None and total + cost > budget)):
+        full = len(batch) >= max_items or (budget is not None and total + cost > budget)
+        if batch and (full or (kind is not None and kind(item) != kind(batch[0]))):
             yield Batch(tuple(positions), tuple(batch), total)
             positions, batch, total = [], [], 0
             budget = max_cost()

@@ -21,12 +21,16 @@ import logging
 import math
 import threading
 import time
-from typing import Any, Mapping, Optional, TypeVar, Union
+from typing import Any, Iterable, Iterator, List, Mapping, Optional, Tuple, TypeVar, Union
 
 import openai
 
+from . import mapping
+from .batching import MAX_INPUTS_PER_EMBEDDING, MAX_PROMPTS_PER_COMPLETION
+from .errors import Cancelled
 from .headers import parse_rate_limit_headers
 from .limiter import LimitKey, Limits, RateLimiter, Reservation
+from .mapping import ProgressArg
 from .retry import Retry
 from .stats import Stats, StatsSnapshot
 from .tokens import TokenCounter, endpoint_of, estimate_cost, usage_tokens
@@ -181,6 +185,134 @@ class _ThrottledMixin:
     def __repr__(self) -> str:
         return f"<{type(self).__name__} base_url={str(getattr(self, 'base_url', ''))!r} limiter={self._limiter!r}>"
 
+    # -- bulk ------------------------------------------------------------------------------------
+
+    def map_completions(
+        self,
+        prompts: Iterable[Any],
+        *,
+        model: str,
+        batch_size: int = MAX_PROMPTS_PER_COMPLETION,
+        max_workers: Optional[int] = None,
+        return_exceptions: bool = False,
+        progress: ProgressArg = False,
+        timeout: Optional[float] = None,
+        **kwargs: Any,
+    ) -> List[Any]:
+        """Complete every prompt with the legacy completions API; ``result[i]`` answers ``prompts[i]``.
+
+        Up to ``batch_size`` prompts share one request (``prompt`` as a list; 20 is the documented
+        maximum), within the token budget the limiter can pass at once. Each result is the SDK's
+        choice (a list of ``n`` choices when ``n > 1``), its ``index`` rewritten to ``i * n + j``.
+        ``kwargs`` go to every ``completions.create`` (``max_tokens``, ``temperature``, ...).
+
+        Every prompt is checked before anything is sent (``TypeError`` names the first bad one).
+        ``max_workers``: requests in flight at once; ``None`` derives it from the limit and the
+        latency. ``return_exceptions``: put a failed prompt's exception in its slot, like
+        ``asyncio.gather``; otherwise the first failure stops the run with :class:`BulkError`, which
+        carries the results and errors so far. A batch refused with a 400 is split until the prompt
+        at fault fails alone. ``progress``: ``True`` for a tqdm bar, or a callable given a
+        :class:`Progress`. ``timeout`` (seconds) bounds the whole run (:class:`BulkTimeout`). Ctrl-C
+        stops within a couple of seconds with :class:`BulkInterrupted`, carrying the results so far.
+        """
+        return mapping.bulk_map(
+            "completions", self, prompts, model, batch_size, max_workers, return_exceptions, progress, timeout, kwargs
+        )
+
+    def imap_completions(
+        self,
+        prompts: Iterable[Any],
+        *,
+        model: str,
+        batch_size: int = MAX_PROMPTS_PER_COMPLETION,
+        max_workers: Optional[int] = None,
+        ordered: bool = True,
+        return_exceptions: bool = False,
+        progress: ProgressArg = False,
+        timeout: Optional[float] = None,
+        **kwargs: Any,
+    ) -> Iterator[Tuple[int, Any]]:
+        """Like :meth:`map_completions` over any iterable (a generator over a huge file included),
+        yielding ``(i, result)``: in input order, or as results finish with ``ordered=False``. Only a
+        bounded window of the input is read ahead, so memory stays flat however long the input."""
+        return mapping.bulk_imap(
+            "completions", self, prompts, model, batch_size, max_workers, ordered, return_exceptions,
+            progress, timeout, kwargs,
+        )  # fmt: skip
+
+    def map_chat_completions(
+        self,
+        conversations: Iterable[Any],
+        *,
+        model: str,
+        max_workers: Optional[int] = None,
+        return_exceptions: bool = False,
+        progress: ProgressArg = False,
+        timeout: Optional[float] = None,
+        **kwargs: Any,
+    ) -> List[Any]:
+        """One chat completion per conversation (a list of message dicts), run in parallel (the API
+        cannot batch conversations); ``result[i]`` is the SDK's ``ChatCompletion`` for
+        ``conversations[i]``. Other arguments as in :meth:`map_completions`."""
+        return mapping.bulk_map(
+            "chat", self, conversations, model, 1, max_workers, return_exceptions, progress, timeout, kwargs
+        )
+
+    def imap_chat_completions(
+        self,
+        conversations: Iterable[Any],
+        *,
+        model: str,
+        max_workers: Optional[int] = None,
+        ordered: bool = True,
+        return_exceptions: bool = False,
+        progress: ProgressArg = False,
+        timeout: Optional[float] = None,
+        **kwargs: Any,
+    ) -> Iterator[Tuple[int, Any]]:
+        """Lazy :meth:`map_chat_completions`, yielding ``(i, ChatCompletion)``; see :meth:`imap_completions`."""
+        return mapping.bulk_imap(
+            "chat", self, conversations, model, 1, max_workers, ordered, return_exceptions, progress, timeout, kwargs
+        )
+
+    def map_embeddings(
+        self,
+        inputs: Iterable[Any],
+        *,
+        model: str,
+        batch_size: int = MAX_INPUTS_PER_EMBEDDING,
+        max_workers: Optional[int] = None,
+        return_exceptions: bool = False,
+        progress: ProgressArg = False,
+        timeout: Optional[float] = None,
+        **kwargs: Any,
+    ) -> List[Any]:
+        """Embed every input; ``result[i]`` is the vector for ``inputs[i]``. Up to ``batch_size``
+        inputs (2,048 at most) and 300,000 tokens share a request. Other arguments as in
+        :meth:`map_completions`."""
+        return mapping.bulk_map(
+            "embeddings", self, inputs, model, batch_size, max_workers, return_exceptions, progress, timeout, kwargs
+        )
+
+    def imap_embeddings(
+        self,
+        inputs: Iterable[Any],
+        *,
+        model: str,
+        batch_size: int = MAX_INPUTS_PER_EMBEDDING,
+        max_workers: Optional[int] = None,
+        ordered: bool = True,
+        return_exceptions: bool = False,
+        progress: ProgressArg = False,
+        timeout: Optional[float] = None,
+        **kwargs: Any,
+    ) -> Iterator[Tuple[int, Any]]:
+        """Lazy :meth:`map_embeddings`, yielding ``(i, vector)``; see :meth:`imap_completions`."""
+        return mapping.bulk_imap(
+            "embeddings", self, inputs, model, batch_size, max_workers, ordered, return_exceptions,
+            progress, timeout, kwargs,
+        )  # fmt: skip
+
     # -- one call --------------------------------------------------------------------------------
 
     def _limit_model(self, body: Mapping[str, Any]) -> str:
@@ -193,7 +325,11 @@ class _ThrottledMixin:
         body = options.json_data if isinstance(options.json_data, Mapping) else {}
         endpoint = endpoint_of(str(options.url))
         key: LimitKey = (self._account, self._limit_model(body))
-        cost = estimate_cost(endpoint, body, self._counter) if endpoint else 0
+        cost = getattr(_current, "cost", None)  # a bulk helper's count, made while packing the batch
+        if cost is None:
+            cost = estimate_cost(endpoint, body, self._counter) if endpoint else 0
+        _current.cost = None
+        cancel = getattr(_current, "cancel", None)  # set while a bulk helper's worker runs this call
         policy, max_wait, limiter, stats = self._retry, self._max_wait, self._limiter, self._stats
         stats.call()
         waited_total, retries = 0.0, 0
@@ -203,7 +339,7 @@ class _ThrottledMixin:
             allowed = _remaining(max_wait, waited_total, policy.deadline, started)
             before = time.monotonic()
             try:
-                reservation = limiter.acquire(key, cost, timeout=allowed)
+                reservation = limiter.acquire(key, cost, timeout=allowed, cancel=cancel)
             except BaseException:
                 stats.failed_call()
                 raise
@@ -237,7 +373,11 @@ class _ThrottledMixin:
                     decision.delay,
                 )
                 if not decision.pause_all:  # a pause is waited out in the limiter, by everyone
-                    time.sleep(decision.delay)
+                    if cancel is None:
+                        time.sleep(decision.delay)
+                    elif cancel.wait(decision.delay):
+                        stats.failed_call()
+                        raise Cancelled("the bulk call stopped while this request waited to retry") from error
                     waited_total += decision.delay
                     stats.waited(decision.delay)
                 continue

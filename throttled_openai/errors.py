@@ -11,7 +11,7 @@ from typing import Optional
 
 import openai
 
-__all__ = ["RateLimitTimeout", "RequestTooLarge", "ThrottledOpenAIError"]
+__all__ = ["Cancelled", "RateLimitTimeout", "RequestTooLarge", "ThrottledOpenAIError"]
 
 
 class ThrottledOpenAIError(openai.OpenAIError):
@@ -50,3 +50,7 @@ class RequestTooLarge(ThrottledOpenAIError, ValueError):
             f"{limit:g} tokens per minute; reduce the input or max_tokens"
         )
         super().__init__(message + (f" ({detail})" if detail else ""))
+
+
+class Cancelled(ThrottledOpenAIError):
+    """The call was given up before it was sent, because the bulk call it belonged to stopped."""

@@ -23,7 +23,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Deque, Dict, Mapping, Optional, Tuple
 
-from .errors import RateLimitTimeout, RequestTooLarge
+from .errors import Cancelled, RateLimitTimeout, RequestTooLarge
 from .headers import RateLimitHeaders
 
 __all__ = ["LimitKey", "Limits", "RateLimiter", "Reservation"]
@@ -33,6 +33,8 @@ LimitKey = Tuple[str, str]
 
 # Seconds of budget kept back from the server's burst, to absorb jitter between our sends and its clock.
 _JITTER_SECONDS = 0.15
+# With a cancel event, waits are cut into slices this long (seconds) to notice it.
+_CANCEL_CHECK_SECONDS = 0.25
 # Smallest burst, in seconds of budget, that repeated 429s may shrink a bucket to.
 _MIN_BURST_SECONDS = 0.2
 
@@ -221,14 +223,22 @@ class RateLimiter:
 
     # -- taking capacity -------------------------------------------------------------------------
 
-    def acquire(self, key: LimitKey, tokens: int, *, timeout: Optional[float] = None) -> Reservation:
+    def acquire(
+        self,
+        key: LimitKey,
+        tokens: int,
+        *,
+        timeout: Optional[float] = None,
+        cancel: Optional[threading.Event] = None,
+    ) -> Reservation:
         """Wait for one request and ``tokens`` tokens of ``key``'s budget, and take them.
 
         Callers are served first come, first served. ``timeout`` (seconds): the longest this call may
         wait; ``None`` waits as long as needed. When capacity is known to be further away than that,
         :class:`RateLimitTimeout` is raised at once rather than after waiting. A cost above the whole
-        per-minute token limit raises :class:`RequestTooLarge` at once. A wait that ends in an exception
-        (a timeout, Ctrl-C) takes nothing.
+        per-minute token limit raises :class:`RequestTooLarge` at once. ``cancel``: when this event is
+        set, the wait ends within a quarter of a second with :class:`Cancelled`. A wait that ends in an
+        exception (a timeout, a cancel, Ctrl-C) takes nothing.
         """
         start = self._clock()
         deadline = math.inf if timeout is None else start + timeout
@@ -248,11 +258,13 @@ class RateLimiter:
                 state.head = True
         try:
             if ticket is not None:
-                left = None if deadline == math.inf else max(0.0, deadline - self._clock())
-                if not ticket.turn.wait(left):
-                    raise RateLimitTimeout(key[1], retry_after=timeout or 0.0, max_wait=timeout or 0.0)
+                while not ticket.turn.wait(_slice(deadline - self._clock(), cancel)):
+                    if cancel is not None and cancel.is_set():
+                        raise Cancelled(f"wait for model {key[1]!r} cancelled")
+                    if self._clock() >= deadline:
+                        raise RateLimitTimeout(key[1], retry_after=timeout or 0.0, max_wait=timeout or 0.0)
             with self._lock:
-                return self._take_as_head(key, state, tokens, deadline, timeout)
+                return self._take_as_head(key, state, tokens, deadline, timeout, cancel)
         finally:
             # However this ends (taken, timed out, interrupted): leave the line, or pass the head role on.
             with self._lock:
@@ -274,9 +286,17 @@ class RateLimiter:
         return max(now + max(0.0, ahead + 1 - bucket.level) / bucket.rate, state.paused_until)
 
     def _take_as_head(
-        self, key: LimitKey, state: _KeyState, tokens: int, deadline: float, timeout: Optional[float]
+        self,
+        key: LimitKey,
+        state: _KeyState,
+        tokens: int,
+        deadline: float,
+        timeout: Optional[float],
+        cancel: Optional[threading.Event],
     ) -> Reservation:
         while True:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled(f"wait for model {key[1]!r} cancelled")
             now = self._clock()
             if not state.learned and state.probe is not None:
                 go_at = deadline  # until the probe's answer arrives; its end wakes us
@@ -296,7 +316,7 @@ class RateLimiter:
                     return reservation
                 if go_at > deadline:
                     raise RateLimitTimeout(key[1], retry_after=go_at - now, max_wait=timeout or 0.0)
-            self._wait_locked(state, go_at - now)
+            self._wait_locked(state, go_at - now if cancel is None else min(go_at - now, _CANCEL_CHECK_SECONDS))
 
     def _wait_locked(self, state: _KeyState, seconds: float) -> None:
         """Wait (the lock held on entry and exit) up to ``seconds``, or less if notified."""
@@ -424,6 +444,21 @@ class RateLimiter:
                 bucket.capacity = min(bucket.capacity, bucket.ceiling)
                 bucket.level = min(bucket.level, 0.0)
 
+    # -- what the bulk helpers plan with ---------------------------------------------------------
+
+    def request_rate(self, key: LimitKey) -> Optional[float]:
+        """Requests per second ``key`` may send (``None`` while unknown)."""
+        with self._lock:
+            bucket = self._state(key, self._clock()).requests
+            return bucket.rate if bucket.active else None
+
+    def token_burst(self, key: LimitKey) -> Optional[float]:
+        """Most tokens one call of ``key`` may take at once without waiting for a full bucket
+        (``None`` while no token limit is known)."""
+        with self._lock:
+            bucket = self._state(key, self._clock()).tokens
+            return bucket.capacity if bucket.active else None
+
     # -- looking at it ---------------------------------------------------------------------------
 
     def snapshot(self) -> Dict[str, Dict[str, Optional[float]]]:
@@ -454,6 +489,14 @@ class RateLimiter:
             )
         default = f"rpm={self._default.rpm} tpm={self._default.tpm}"
         return f"<RateLimiter {default} [{'; '.join(parts)}]>"
+
+
+def _slice(left: float, cancel: Optional[threading.Event]) -> Optional[float]:
+    """How long to wait for an event: what is ``left`` (``inf``: no bound), cut short to notice
+    ``cancel``; ``None`` means wait with no timeout."""
+    if cancel is not None:
+        left = min(left, _CANCEL_CHECK_SECONDS)
+    return None if left == math.inf else max(0.0, left)
 
 
 def _fmt(value: Optional[float]) -> str:

@@ -289,6 +289,9 @@ class FakeOpenAI:
         seed: seed of the single ``random.Random`` behind jitter, shuffling and ``fault_rates``.
         shuffle: return choices (and embedding ``data``) in shuffled order, as OpenAI may.
         completion_tokens: tokens each generated choice uses: min(max_tokens, completion_tokens).
+        context_length: if given, a legacy completions request with any prompt whose tokens plus
+            ``max_tokens`` exceed it gets OpenAI's 400 "maximum context length" error (the whole
+            request fails, as a batch with one bad prompt does).
         settle_usage: after admission, refund (admission cost - reported total usage) to the
             token bucket (capped at capacity) just before the response is sent; False keeps the
             admission estimate charged.
@@ -325,6 +328,7 @@ class FakeOpenAI:
         seed: int = 0,
         shuffle: bool = True,
         completion_tokens: int = 5,
+        context_length: Optional[int] = None,
         settle_usage: bool = True,
         quota_tokens: Optional[int] = None,
         count_rejected: bool = False,
@@ -352,6 +356,7 @@ class FakeOpenAI:
         self._jitter = float(latency_jitter)
         self._shuffle = shuffle
         self._completion_tokens = completion_tokens
+        self._context_length = context_length
         self._settle_usage = settle_usage
         self._quota = quota_tokens
         self._count_rejected = count_rejected
@@ -641,6 +646,15 @@ class FakeOpenAI:
         n = _int_param(body, "n", 1, 1)
         max_tokens = _int_param(body, "max_tokens", 16, 0)
         prompt_tokens = sum(tokens for _, tokens in prompts)
+        if self._context_length is not None:
+            for _, tokens in prompts:
+                if tokens + max_tokens > self._context_length:
+                    raise _BadRequest(
+                        f"This model's maximum context length is {self._context_length} tokens, however you "
+                        f"requested {tokens + max_tokens} tokens ({tokens} in your prompt; {max_tokens} for the "
+                        "completion). Please reduce your prompt; or completion length.",
+                        "prompt",
+                    )
         completion = len(prompts) * n * min(max_tokens, self._completion_tokens)
         texts = [p if isinstance(p, str) else str(p[:8]) for p, _ in prompts]
 
