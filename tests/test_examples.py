@@ -12,14 +12,17 @@ import pytest
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-@pytest.mark.parametrize("name", ["quickstart.py", "thread_pool.py"])
+@pytest.mark.parametrize(
+    "name",
+    ["quickstart.py", "thread_pool.py", "completion_loop_to_map.py", "embed_csv_column.py", "chat_classification.py"],
+)
 def test_example_runs(name: str) -> None:
     env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
     out = subprocess.run(
         [sys.executable, str(EXAMPLES / name)], capture_output=True, text=True, timeout=120, env=env, check=False
     )
     assert out.returncode == 0, out.stderr
-    assert "429s" in out.stdout or "StatsSnapshot" in out.stdout
+    assert any(word in out.stdout for word in ("429s", "StatsSnapshot", "wrote 1000 embeddings"))
 
 
 def test_demo_command_runs() -> None:

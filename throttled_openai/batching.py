@@ -31,7 +31,7 @@ class IncompleteResponse(ThrottledOpenAIError):
     """The server's answer to a batch had no answer, or more than one, for this input."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Batch(Generic[T]):
     """Inputs sent together: ``positions[k]`` is the input position of ``items[k]``."""
 

@@ -21,6 +21,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import closing
 from dataclasses import dataclass
 from typing import (
     TYPE_CHECKING,
@@ -28,6 +29,7 @@ from typing import (
     Callable,
     Deque,
     Dict,
+    Generator,
     Iterable,
     Iterator,
     List,
@@ -180,7 +182,7 @@ class _Run:
         self.failed = 0
         self.latency = 0.0  # moving average of a request's seconds in flight, waits excluded
         self.stats0 = client.stats()
-        self.report = _progress_reporter(progress, total)
+        self.report, self.close_progress = _progress_reporter(progress, total)
 
     def target(self) -> int:
         """Requests to keep in flight: the request rate times the latency, with a quarter to spare."""
@@ -205,7 +207,7 @@ class _Run:
             spent = time.monotonic() - started
             self.latency = spent if self.latency == 0.0 else 0.8 * self.latency + 0.2 * spent
 
-    def results(self, batches: Iterator[Batch[Any]], ordered: bool) -> Iterator[Tuple[int, Any]]:
+    def results(self, batches: Iterator[Batch[Any]], ordered: bool) -> Generator[Tuple[int, Any], None, None]:
         """Yield ``(position, result or exception)`` for every input of ``batches``."""
         cap = self.fixed_workers or _MAX_DERIVED_WORKERS
         executor = ThreadPoolExecutor(max_workers=cap, thread_name_prefix="throttled_openai")
@@ -237,7 +239,7 @@ class _Run:
                 if not ready:
                     raise _DeadlinePassed
                 for batch, future in ready:
-                    handed_out.remove((batch, future))
+                    handed_out.remove((batch, future))  # Batch compares by identity
                     outcomes = _outcomes(future, len(batch.items))
                     self.done += len(outcomes)
                     self.failed += sum(isinstance(outcome, BaseException) for outcome in outcomes)
@@ -251,6 +253,7 @@ class _Run:
             self.stop.set()
             executor.shutdown(wait=False, cancel_futures=True)
             wait([future for _, future in handed_out], timeout=_STOP_GRACE)
+            self.close_progress()
 
 
 class _DeadlinePassed(Exception):
@@ -264,9 +267,13 @@ def _outcomes(future: Future[List[Any]], size: int) -> List[Any]:
         return [exc] * size
 
 
-def _progress_reporter(progress: ProgressArg, total: Optional[int]) -> Callable[[_Run], None]:
+Reporter = Tuple[Callable[["_Run"], None], Callable[[], None]]
+
+
+def _progress_reporter(progress: ProgressArg, total: Optional[int]) -> Reporter:
+    """``(update after each request, close at the end)`` for the ``progress`` argument."""
     if not progress:
-        return lambda run: None
+        return (lambda run: None), (lambda: None)
     if callable(progress):
         callback = progress
 
@@ -283,7 +290,7 @@ def _progress_reporter(progress: ProgressArg, total: Optional[int]) -> Callable[
                 )
             )
 
-        return report
+        return report, (lambda: None)
     try:
         from tqdm.auto import tqdm  # type: ignore[import-untyped]
     except ImportError as exc:
@@ -299,10 +306,8 @@ def _progress_reporter(progress: ProgressArg, total: Optional[int]) -> Callable[
             waited=f"{stats.wait_seconds - run.stats0.wait_seconds:.0f}s",
             refresh=False,
         )
-        if total is not None and run.done >= total:
-            bar.close()
 
-    return update
+    return update, bar.close
 
 
 def _collect(run: _Run, batches: Iterator[Batch[Any]], size: int, return_exceptions: bool) -> List[Any]:
@@ -310,15 +315,13 @@ def _collect(run: _Run, batches: Iterator[Batch[Any]], size: int, return_excepti
     results: List[Any] = [None] * size
     errors: Dict[int, BaseException] = {}
     try:
-        for position, outcome in run.results(batches, ordered=False):
-            if isinstance(outcome, BaseException) and not return_exceptions:
-                errors[position] = outcome
-                raise BulkError(
-                    f"input {position} failed: {outcome!r} ({run.done - run.failed} of {size} inputs done)",
-                    results,
-                    errors,
-                )
-            results[position] = outcome
+        with closing(run.results(batches, ordered=False)) as outcomes:
+            for position, outcome in outcomes:
+                if isinstance(outcome, BaseException) and not return_exceptions:
+                    errors[position] = outcome
+                    done = run.done - run.failed
+                    raise BulkError(f"input {position} failed: {outcome!r} ({done} of {size} done)", results, errors)
+                results[position] = outcome
     except _DeadlinePassed:
         raise BulkTimeout(f"timeout passed with {run.done} of {size} inputs done", results, errors) from None
     except KeyboardInterrupt:
@@ -330,10 +333,11 @@ def _iterate(
     run: _Run, batches: Iterator[Batch[Any]], ordered: bool, return_exceptions: bool
 ) -> Iterator[Tuple[int, Any]]:
     try:
-        for position, outcome in run.results(batches, ordered):
-            if isinstance(outcome, BaseException) and not return_exceptions:
-                raise BulkError(f"input {position} failed: {outcome!r}", [], {position: outcome})
-            yield position, outcome
+        with closing(run.results(batches, ordered)) as outcomes:
+            for position, outcome in outcomes:
+                if isinstance(outcome, BaseException) and not return_exceptions:
+                    raise BulkError(f"input {position} failed: {outcome!r}", [], {position: outcome})
+                yield position, outcome
     except _DeadlinePassed:
         raise BulkTimeout(f"timeout passed with {run.done} inputs done", [], {}) from None
 
