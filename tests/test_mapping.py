@@ -45,12 +45,19 @@ def expected_text(prompt: str, sample: int = 0) -> str:
 
 
 def test_prompts_are_batched_and_answers_come_back_in_input_order(server: FakeOpenAI) -> None:
-    client = client_for(server)
+    client = client_for(server, tpm=10_000_000)
     prompts = [f"question {i}" for i in range(95)]
     choices = client.map_completions(prompts, model=MODEL, max_tokens=3)
     assert [c.text for c in choices] == [expected_text(p) for p in prompts]  # the server shuffles
     assert [c.index for c in choices] == list(range(95))
     assert sorted(prompts_sent(server)) == [15, 20, 20, 20, 20]
+
+
+def test_with_unknown_limits_one_prompt_goes_first_to_learn_the_budget(server: FakeOpenAI) -> None:
+    client = client_for(server)
+    client.map_completions([f"q{i}" for i in range(41)], model=MODEL, max_tokens=3)
+    sent = prompts_sent(server)
+    assert sent[0] == 1 and sorted(sent[1:]) == [20, 20]
 
 
 def test_n_samples_per_prompt_come_back_as_lists(server: FakeOpenAI) -> None:
@@ -73,7 +80,7 @@ def test_batches_stay_within_the_token_burst() -> None:
 
 def test_rpm_bound_work_is_many_prompts_per_request() -> None:
     with FakeOpenAI(rpm=120, tpm=10_000_000, bucket_seconds=1.0) as server:
-        client = client_for(server, rpm=120)
+        client = client_for(server, rpm=120, tpm=10_000_000)
         results = client.map_completions([f"p{i}" for i in range(100)], model=MODEL, max_tokens=1)
         assert len(results) == 100 and server.stats()["admitted"] == 5
 
@@ -101,11 +108,12 @@ def test_the_first_failure_raises_with_everything_obtained_so_far() -> None:
         error = info.value
         assert list(error.errors) == [25] and isinstance(error.errors[25], openai.BadRequestError)
         assert [r.text for r in error.results[:20]] == [expected_text(p) for p in prompts[:20]]
-        assert len(error.results) == 40
+        # the rest of the failing batch was still answered (the split went on), and is kept
+        assert sum(r is not None for r in error.results) == 39 and len(error.results) == 40
 
 
 def test_a_missing_answer_is_asked_again(server: FakeOpenAI) -> None:
-    client = client_for(server)
+    client = client_for(server, tpm=10_000_000)
     server.inject("missing_choice")
     results = client.map_completions([f"q{i}" for i in range(5)], model=MODEL, max_tokens=2)
     assert [r.text for r in results] == [expected_text(f"q{i}") for i in range(5)]
@@ -122,6 +130,35 @@ def test_an_answer_missing_twice_is_an_error_for_that_prompt_only(server: FakeOp
     assert all(results[i].text == expected_text("xy"[i]) for i in range(2) if i not in failed)
 
 
+def test_a_batch_refused_for_a_reason_not_about_one_prompt_is_not_split(server: FakeOpenAI) -> None:
+    client = client_for(server, tpm=10_000_000)
+    server.inject("400")  # an invalid request as a whole: splitting would only repeat it
+    results = client.map_completions([f"s{i}" for i in range(20)], model=MODEL, max_tokens=1, return_exceptions=True)
+    assert all(isinstance(r, openai.BadRequestError) for r in results)
+    assert server.stats()["requests"] == 1
+
+
+def test_batches_too_large_for_an_unknown_limit_are_split_not_lost() -> None:
+    # No limits given; the server allows 2,000 tokens at once. The first answer teaches the budget.
+    with FakeOpenAI(rpm=100_000, tpm=120_000, bucket_seconds=1.0) as server:
+        client = client_for(server)
+        prompts = [("word " * 150) + str(i) for i in range(60)]
+        results = client.map_completions(prompts, model=MODEL, max_tokens=40)
+        assert [r.text for r in results] == [expected_text(p) for p in prompts]
+
+
+@pytest.mark.parametrize("fault", ["missing_choice", "duplicate_choice"])
+def test_chat_answers_are_checked_like_batches(server: FakeOpenAI, fault: str) -> None:
+    client = client_for(server)
+    server.inject(fault)
+    conversations = [[{"role": "user", "content": "one"}]]
+    [reply] = client.map_chat_completions(conversations, model="gpt-4o-mini", n=2, max_tokens=3)
+    assert [c.index for c in reply.choices] == [0, 1]  # asked again, in index order
+    server.inject(fault, count=2)
+    [failed] = client.map_chat_completions(conversations, model="gpt-4o-mini", n=2, return_exceptions=True)
+    assert isinstance(failed, IncompleteResponse)
+
+
 def test_server_errors_are_retried_inside_the_map(server: FakeOpenAI) -> None:
     client = client_for(server)
     server.inject("500", count=2)
@@ -130,15 +167,15 @@ def test_server_errors_are_retried_inside_the_map(server: FakeOpenAI) -> None:
     assert client.stats().retries == 3
 
 
-def test_quota_fails_the_prompts_it_hits_and_nothing_else(server: FakeOpenAI) -> None:
-    client = client_for(server)
+def test_quota_ends_the_run_without_sending_more(server: FakeOpenAI) -> None:
+    client = client_for(server, tpm=10_000_000)
     server.inject("quota")
     results = client.map_completions(
         [f"r{i}" for i in range(40)], model=MODEL, max_tokens=2, return_exceptions=True, max_workers=1
     )
-    failed = [i for i, r in enumerate(results) if isinstance(r, openai.RateLimitError)]
-    assert failed == list(range(20))  # the first batch; quota errors are not retried
-    assert all(r.text == expected_text(f"r{i}") for i, r in enumerate(results) if i >= 20)
+    # Every later request would be refused too: each input ends with the quota error, sent once.
+    assert all(isinstance(r, openai.RateLimitError) and "quota" in str(r) for r in results)
+    assert server.stats()["requests"] == 1
 
 
 def test_chat_conversations_run_in_parallel_in_order(server: FakeOpenAI) -> None:
@@ -150,7 +187,7 @@ def test_chat_conversations_run_in_parallel_in_order(server: FakeOpenAI) -> None
 
 
 def test_embeddings_are_batched_and_aligned(server: FakeOpenAI) -> None:
-    client = client_for(server)
+    client = client_for(server, tpm=10_000_000)
     texts = [f"text {i}" for i in range(50)]
     vectors = client.map_embeddings(texts, model="text-embedding-3-small", batch_size=16)
     singles = [client.embeddings.create(model="text-embedding-3-small", input=t).data[0].embedding for t in texts[:5]]
@@ -227,6 +264,22 @@ def test_ctrl_c_returns_quickly_with_the_results_so_far() -> None:
         assert server.stats()["requests"] == sent  # nothing more goes out after the interrupt
 
 
+def test_ctrl_c_is_not_held_up_by_a_slow_request() -> None:
+    with FakeOpenAI(latency=5.0) as server:
+        client = client_for(server)
+        timer = threading.Timer(0.5, _thread.interrupt_main)
+        timer.start()
+        started = time.monotonic()
+        try:
+            with pytest.raises(BulkInterrupted):
+                client.map_completions(["slow"], model=MODEL, max_tokens=1)
+        finally:
+            timer.cancel()
+        assert time.monotonic() - started < 3.0
+        # the request still on the wire is finished by a daemon thread: it cannot keep the program alive
+        assert all(t.daemon for t in threading.enumerate() if t.name.startswith("throttled_openai"))
+
+
 def test_many_threads_mapping_on_one_client_share_it() -> None:
     with FakeOpenAI(rpm=1200, tpm=10_000_000, bucket_seconds=1.0) as server:
         client = client_for(server, rpm=1200)
@@ -287,7 +340,10 @@ def test_a_generator_that_raises_halfway_stops_the_run_cleanly(server: FakeOpenA
         yield from (f"h{i}" for i in range(50))
         raise OSError("disk went away")
 
+    got: List[int] = []
     with pytest.raises(OSError, match="disk went away"):
-        list(client.imap_completions(prompts(), model=MODEL, max_tokens=1))
+        for position, _ in client.imap_completions(prompts(), model=MODEL, max_tokens=1):
+            got.append(position)
+    assert got == list(range(50))  # everything read before the failure was sent and yielded
     time.sleep(0.3)
     assert not [t for t in threading.enumerate() if t.name.startswith("throttled_openai") and t.is_alive()]

@@ -65,7 +65,17 @@ def pack(
     batch: List[T] = []
     total = 0
     budget = max_cost()
-    for position, item, cost in items:
+    source = iter(items)
+    while True:
+        try:
+            position, item, cost = next(source)
+        except StopIteration:
+            break
+        except Exception:
+            # The input failed (a bad item, a read error): what was read before it still goes out.
+            if batch:
+                yield Batch(tuple(positions), tuple(batch), total)
+            raise
         full = len(batch) >= max_items or (budget is not None and total + cost > budget)
         if batch and (full or (kind is not None and kind(item) != kind(batch[0]))):
             yield Batch(tuple(positions), tuple(batch), total)

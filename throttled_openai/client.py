@@ -347,6 +347,7 @@ class _ThrottledMixin:
                 waited = time.monotonic() - before
                 waited_total += waited
                 stats.attempt(cost, waited)
+                _current.waited = getattr(_current, "waited", 0.0) + waited
                 # 2. Send through the SDK; the response hook reports the headers to the limiter.
                 _current.attempt = _Attempt(limiter, reservation)
                 result = super().request(cast_to, options, *args, **kwargs)  # type: ignore[misc]
@@ -380,6 +381,7 @@ class _ThrottledMixin:
                         raise Cancelled("the bulk call stopped while this request waited to retry") from error
                     waited_total += decision.delay
                     stats.waited(decision.delay)
+                    _current.waited = getattr(_current, "waited", 0.0) + decision.delay
                 continue
             except BaseException:
                 limiter.settle(reservation, None)  # may have been sent: keep it charged

@@ -127,7 +127,18 @@ class _Ticket:
 
 
 class _KeyState:
-    __slots__ = ("head", "learned", "line", "paused_until", "probe", "requests", "shrunk_at", "tokens", "wakeup")
+    __slots__ = (
+        "answered",
+        "head",
+        "learned",
+        "line",
+        "paused_until",
+        "probe",
+        "requests",
+        "shrunk_at",
+        "tokens",
+        "wakeup",
+    )
 
     def __init__(self, limits: Limits, headroom: float, initial_burst: float, now: float, lock: threading.Lock) -> None:
         self.requests = _Bucket(limits.rpm, headroom, initial_burst, now)
@@ -136,6 +147,7 @@ class _KeyState:
         # so that 64 threads starting at once don't all hit an unknown limit.
         self.learned = limits.rpm is not None or limits.tpm is not None
         self.probe: Optional[Reservation] = None
+        self.answered = False  # the server has answered a request of this key (and so shown its limits)
         self.paused_until = -math.inf
         self.shrunk_at = -math.inf
         self.head = False  # someone is at the head of the line
@@ -386,6 +398,7 @@ class RateLimiter:
         """
         with self._lock:
             state = self._keys[reservation.key]
+            state.answered = True
             now = self._clock()
             accepted = 200 <= status < 300
             reservation.refused = not accepted
@@ -451,6 +464,13 @@ class RateLimiter:
         with self._lock:
             bucket = self._state(key, self._clock()).requests
             return bucket.rate if bucket.active else None
+
+    def limits_known(self, key: LimitKey) -> bool:
+        """Whether ``key``'s token limit is known or was configured, or the server has answered (and so
+        shown whatever limits it has): then :meth:`token_burst` can be planned with."""
+        with self._lock:
+            state = self._state(key, self._clock())
+            return state.tokens.configured is not None or state.answered
 
     def token_burst(self, key: LimitKey) -> Optional[float]:
         """Most tokens one call of ``key`` may take at once without waiting for a full bucket

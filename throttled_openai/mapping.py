@@ -17,10 +17,11 @@ like any other caller, so several maps and plain calls on one client share it fa
 from __future__ import annotations
 
 import math
+import queue
 import threading
 import time
 from collections import deque
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from contextlib import closing
 from dataclasses import dataclass
 from typing import (
@@ -36,7 +37,6 @@ from typing import (
     Mapping,
     Optional,
     Sequence,
-    Set,
     Tuple,
     Union,
 )
@@ -51,7 +51,8 @@ from .batching import (
     pack,
     split_choices,
 )
-from .errors import Cancelled, ThrottledOpenAIError
+from .errors import Cancelled, RequestTooLarge, ThrottledOpenAIError
+from .retry import Retry
 from .tokens import estimate_cost
 
 if TYPE_CHECKING:
@@ -62,10 +63,12 @@ __all__ = ["BulkError", "BulkInterrupted", "Progress"]
 # Ceiling on threads when the concurrency is derived rather than given.
 _MAX_DERIVED_WORKERS = 64
 # Seconds a stopped run waits for requests already sent before it returns.
-_STOP_GRACE = 2.0
+_STOP_GRACE = 1.0
 # How many requests may be handed out beyond those in flight, as a multiple of the in-flight target:
 # lets ordered output carry on past one slow request without reading the whole input.
-_LOOKAHEAD = 4
+_LOOKAHEAD = 8
+# Seconds the main thread waits at a time, so that Ctrl-C and the deadline are seen promptly.
+_WAIT_SLICE = 0.2
 
 
 class BulkError(ThrottledOpenAIError):
@@ -157,8 +160,74 @@ def _checked(inputs: Iterable[Any], check: Callable[[Any], bool], what: str) -> 
 # -- the engine --------------------------------------------------------------------------------
 
 
+class _Pool:
+    """Daemon worker threads fed from a queue, started as work arrives, up to ``cap``.
+
+    Not ``ThreadPoolExecutor``: its threads are joined when the interpreter exits, so a request still
+    on the wire after Ctrl-C would hold the program for as long as the request takes.
+    """
+
+    def __init__(self, cap: int) -> None:
+        self._cap = cap
+        self._queue: queue.SimpleQueue[Optional[Tuple[Future[List[Any]], Callable[[Any], List[Any]], Any]]]
+        self._queue = queue.SimpleQueue()
+        self._threads: List[threading.Thread] = []
+        self._idle = 0
+        self._lock = threading.Lock()
+
+    def submit(self, fn: Callable[[Any], List[Any]], arg: Any) -> Future[List[Any]]:
+        future: Future[List[Any]] = Future()
+        self._queue.put((future, fn, arg))
+        with self._lock:
+            if self._idle == 0 and len(self._threads) < self._cap:
+                thread = threading.Thread(target=self._loop, name=f"throttled_openai_{len(self._threads)}", daemon=True)
+                self._threads.append(thread)
+                thread.start()
+        return future
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                self._idle += 1
+            item = self._queue.get()
+            with self._lock:
+                self._idle -= 1
+            if item is None:
+                return
+            future, fn, arg = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(arg))
+            except BaseException as exc:
+                future.set_exception(exc)
+
+    def shutdown(self) -> None:
+        """Let every thread end once the queue is drained (cancelled work is skipped)."""
+        for _ in self._threads:
+            self._queue.put(None)
+
+
+class _DeadlinePassed(Exception):
+    pass
+
+
+def _outcomes(future: Future[List[Any]], size: int) -> List[Any]:
+    try:
+        return future.result()
+    except BaseException as exc:  # the whole request failed: every input of it did
+        return [exc] * size
+
+
+def _is_fatal(outcome: Any) -> bool:
+    """An error every later request would get too: no quota left, a bad key, no permission."""
+    if isinstance(outcome, (openai.AuthenticationError, openai.PermissionDeniedError)):
+        return True
+    return isinstance(outcome, openai.RateLimitError) and Retry.classify(outcome)[0] == "quota"
+
+
 class _Run:
-    """One bulk run: the thread pool, the window of requests, progress and the stop signal."""
+    """One bulk run: the worker threads, the window of requests, progress and the stop signal."""
 
     def __init__(
         self,
@@ -171,21 +240,25 @@ class _Run:
         total: Optional[int],
     ) -> None:
         self.client = client
-        self.key = (client._account, model)
+        self.key = (client._account, client._limit_model({"model": model}))
         self.send = send
         self.fixed_workers = max_workers
-        self.stop = threading.Event()
+        self.stop = threading.Event()  # no more requests: set on failure, timeout, Ctrl-C, close()
+        self.fatal: Optional[BaseException] = None  # an error every remaining input would get
+        self.timeout = timeout
         self.started = time.monotonic()
-        self.deadline = math.inf if timeout is None else self.started + timeout
         self.total = total
         self.done = 0
         self.failed = 0
-        self.latency = 0.0  # moving average of a request's seconds in flight, waits excluded
+        self.latency = 0.0  # moving average of a request's seconds on the wire, waits excluded
         self.stats0 = client.stats()
-        self.report, self.close_progress = _progress_reporter(progress, total)
+        self.progress = progress
 
     def target(self) -> int:
-        """Requests to keep in flight: the request rate times the latency, with a quarter to spare."""
+        """Requests to keep in flight: the request rate times the latency, with a quarter to spare.
+        One, while the limits are unknown: the first answer tells the budget batches must fit."""
+        if not self.client.limiter.limits_known(self.key):
+            return 1
         if self.fixed_workers is not None:
             return self.fixed_workers
         rate = self.client.limiter.request_rate(self.key)  # requests per second, or None
@@ -194,77 +267,102 @@ class _Run:
         return max(2, min(_MAX_DERIVED_WORKERS, math.ceil(rate * self.latency * 1.25) + 1))
 
     def _work(self, batch: Batch[Any]) -> List[Any]:
+        if self.fatal is not None:
+            return [self.fatal] * len(batch.items)
         if self.stop.is_set():
             raise Cancelled("the bulk call stopped before this request was sent")
         from .client import _current
 
         _current.cancel = self.stop
+        _current.waited = 0.0
         started = time.monotonic()
         try:
             return self.send(batch)
         finally:
             _current.cancel = None
-            spent = time.monotonic() - started
+            spent = time.monotonic() - started - _current.waited
             self.latency = spent if self.latency == 0.0 else 0.8 * self.latency + 0.2 * spent
 
     def results(self, batches: Iterator[Batch[Any]], ordered: bool) -> Generator[Tuple[int, Any], None, None]:
-        """Yield ``(position, result or exception)`` for every input of ``batches``."""
-        cap = self.fixed_workers or _MAX_DERIVED_WORKERS
-        executor = ThreadPoolExecutor(max_workers=cap, thread_name_prefix="throttled_openai")
+        """Yield ``(position, result or exception)`` for every input of ``batches`` that was sent.
+
+        After ``stop`` is set nothing more is handed out, and what was handed out is drained (its
+        unsent part ends as :class:`Cancelled`). An error from the input iterable is raised after
+        every result already obtained has been yielded.
+        """
+        self.started = time.monotonic()
+        report, close_progress = _progress_reporter(self.progress, self.total)
+        deadline = math.inf if self.timeout is None else time.monotonic() + self.timeout
+        pool = _Pool(self.fixed_workers or _MAX_DERIVED_WORKERS)
         handed_out: Deque[Tuple[Batch[Any], Future[List[Any]]]] = deque()
-        running: Set[Future[List[Any]]] = set()
+        source_error: Optional[BaseException] = None
         exhausted = False
         try:
             while True:
                 target = self.target()
-                while not exhausted and len(running) < target and len(handed_out) < _LOOKAHEAD * target:
-                    batch = next(batches, None)
+                running = sum(not future.done() for _, future in handed_out)
+                while (
+                    not (exhausted or self.stop.is_set()) and running < target and len(handed_out) < _LOOKAHEAD * target
+                ):
+                    try:
+                        batch = next(batches, None)
+                    except Exception as exc:  # the caller's iterable failed: finish what was sent first
+                        source_error, batch = exc, None
                     if batch is None:
                         exhausted = True
                         break
-                    future = executor.submit(self._work, batch)
-                    handed_out.append((batch, future))
-                    running.add(future)
+                    handed_out.append((batch, pool.submit(self._work, batch)))
+                    running += 1
                 if not handed_out:
-                    return
-                left = None if self.deadline == math.inf else max(0.0, self.deadline - time.monotonic())
-                if ordered:
-                    wait([handed_out[0][1]], timeout=left)
-                    ready = [handed_out[0]] if handed_out[0][1].done() else []
-                else:
-                    ready = [pair for pair in handed_out if pair[1].done()]
-                    if not ready:
-                        wait([future for _, future in handed_out], timeout=left, return_when=FIRST_COMPLETED)
-                        ready = [pair for pair in handed_out if pair[1].done()]
+                    break
+                ready = _ready(handed_out, ordered)
                 if not ready:
-                    raise _DeadlinePassed
-                for batch, future in ready:
-                    handed_out.remove((batch, future))  # Batch compares by identity
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise _DeadlinePassed
+                    # In slices: Ctrl-C reaches the main thread only between waits on some platforms.
+                    pending = [future for _, future in handed_out if not future.done()]
+                    wait(pending, timeout=min(left, _WAIT_SLICE), return_when=FIRST_COMPLETED)
+                    continue
+                for pair in ready:
+                    handed_out.remove(pair)
+                    batch, future = pair
                     outcomes = _outcomes(future, len(batch.items))
-                    self.done += len(outcomes)
-                    self.failed += sum(isinstance(outcome, BaseException) for outcome in outcomes)
-                    yield from zip(batch.positions, outcomes)
-                    self.report(self)
-                running = {future for _, future in handed_out if not future.done()}
+                    for position, outcome in zip(batch.positions, outcomes):
+                        if isinstance(outcome, Cancelled):
+                            continue  # never sent: neither a result nor an error
+                        self.done += 1
+                        if isinstance(outcome, BaseException):
+                            self.failed += 1
+                            if self.fatal is None and _is_fatal(outcome):
+                                self.fatal = outcome
+                        yield position, outcome
+                    report(self)
+            if source_error is not None:
+                raise source_error
         finally:
-            # Stop: nothing more is sent, workers waiting in the limiter give up within a fraction of a
-            # second. A request already on the wire cannot be recalled: give it a moment, then leave
-            # its thread to finish on its own.
             self.stop.set()
-            executor.shutdown(wait=False, cancel_futures=True)
-            wait([future for _, future in handed_out], timeout=_STOP_GRACE)
-            self.close_progress()
+            for _, future in handed_out:
+                future.cancel()  # not started yet: never sent
+            pool.shutdown()
+            # Workers waiting in the limiter notice the stop within a quarter second; a request on
+            # the wire cannot be recalled and its (daemon) thread finishes it alone.
+            wait([future for _, future in handed_out if not future.cancelled()], timeout=_STOP_GRACE)
+            close_progress()
 
 
-class _DeadlinePassed(Exception):
-    pass
-
-
-def _outcomes(future: Future[List[Any]], size: int) -> List[Any]:
-    try:
-        return future.result()
-    except BaseException as exc:  # the whole request failed: every input of it did
-        return [exc] * size
+def _ready(
+    handed_out: Deque[Tuple[Batch[Any], Future[List[Any]]]], ordered: bool
+) -> List[Tuple[Batch[Any], Future[List[Any]]]]:
+    """The finished requests that may be reported now: all of them, or in order, those at the head."""
+    if not ordered:
+        return [pair for pair in handed_out if pair[1].done()]
+    ready = []
+    for pair in handed_out:
+        if not pair[1].done():
+            break
+        ready.append(pair)
+    return ready
 
 
 Reporter = Tuple[Callable[["_Run"], None], Callable[[], None]]
@@ -291,10 +389,8 @@ def _progress_reporter(progress: ProgressArg, total: Optional[int]) -> Reporter:
             )
 
         return report, (lambda: None)
-    try:
-        from tqdm.auto import tqdm  # type: ignore[import-untyped]
-    except ImportError as exc:
-        raise ImportError("progress=True needs tqdm: pip install 'throttled-openai[progress]'") from exc
+    from tqdm.auto import tqdm  # type: ignore[import-untyped]  # presence checked when the call was made
+
     bar = tqdm(total=total, unit="input", dynamic_ncols=True)
 
     def update(run: _Run) -> None:
@@ -310,6 +406,16 @@ def _progress_reporter(progress: ProgressArg, total: Optional[int]) -> Reporter:
     return update, bar.close
 
 
+def _check_progress(progress: ProgressArg) -> None:
+    if progress is True:
+        try:
+            import tqdm  # type: ignore[import-untyped]  # noqa: F401
+        except ImportError as exc:
+            raise ImportError("progress=True needs tqdm: pip install 'throttled-openai[progress]'") from exc
+    elif progress not in (False, None) and not callable(progress):
+        raise TypeError(f"progress must be a bool or a callable, got {type(progress).__name__}")
+
+
 def _collect(run: _Run, batches: Iterator[Batch[Any]], size: int, return_exceptions: bool) -> List[Any]:
     """Drive ``run`` to the end and return results aligned with the input; see ``map_completions``."""
     results: List[Any] = [None] * size
@@ -319,13 +425,21 @@ def _collect(run: _Run, batches: Iterator[Batch[Any]], size: int, return_excepti
             for position, outcome in outcomes:
                 if isinstance(outcome, BaseException) and not return_exceptions:
                     errors[position] = outcome
-                    done = run.done - run.failed
-                    raise BulkError(f"input {position} failed: {outcome!r} ({done} of {size} done)", results, errors)
-                results[position] = outcome
+                    run.stop.set()  # send nothing more, but keep what is already on its way
+                else:
+                    results[position] = outcome
     except _DeadlinePassed:
         raise BulkTimeout(f"timeout passed with {run.done} of {size} inputs done", results, errors) from None
     except KeyboardInterrupt:
         raise BulkInterrupted(results, errors) from None
+    if errors:
+        first = min(errors)
+        raise BulkError(
+            f"{len(errors)} of {size} inputs failed, the first (input {first}) with {errors[first]!r}; "
+            f"{run.done - run.failed} done, the rest not sent",
+            results,
+            errors,
+        )
     return results
 
 
@@ -340,20 +454,42 @@ def _iterate(
                 yield position, outcome
     except _DeadlinePassed:
         raise BulkTimeout(f"timeout passed with {run.done} inputs done", [], {}) from None
+    except KeyboardInterrupt:
+        raise BulkInterrupted([], {}) from None
 
 
 # -- what to send -----------------------------------------------------------------------------
 
 
+def _about_one_input(error: BaseException) -> bool:
+    """Whether a refused batch may owe the refusal to one of its inputs (then it is worth splitting):
+    a prompt too long for the context, a request too large for the limit, a bad input value."""
+    if isinstance(error, RequestTooLarge):
+        return True
+    message = str(getattr(error, "message", "") or error).lower()
+    if isinstance(error, openai.RateLimitError):
+        return "request too large" in message
+    if isinstance(error, openai.BadRequestError):
+        param = getattr(error, "param", None)
+        return (
+            getattr(error, "code", None) == "context_length_exceeded"
+            or param in ("prompt", "input", "messages")
+            or "maximum context length" in message
+        )
+    return False
+
+
 def _sender(
     create: Callable[[List[Any]], Any],
     answers: Callable[[Any], Sequence[Any]],
-    result: Callable[[List[Any], int], Any],
+    result: Callable[[Any, List[Any], int], Any],
     cost: Callable[[Any], int],
     n: int = 1,
 ) -> Callable[[Batch[Any]], List[Any]]:
     """How one batch is sent: ``create(items)`` makes the request, ``answers(response)`` lists its
-    indexed answers (``n`` per input), ``result(answers, position)`` is what the caller gets."""
+    indexed answers (``n`` per input), ``result(response, answers, position)`` is what the caller
+    gets. A refusal about one input splits the batch to find it; an input whose answers are missing
+    or repeated is asked again once, alone."""
 
     def send(batch: Batch[Any], again: bool = True) -> List[Any]:
         from .client import _current
@@ -361,20 +497,17 @@ def _sender(
         _current.cost = batch.cost  # already counted while packing: spare the client a second count
         try:
             response = create(list(batch.items))
-        except openai.BadRequestError as exc:
-            _current.cost = None
-            if len(batch.items) == 1:
-                return [exc]
-            left, right = batch.halves(cost)  # find the input the 400 is about
-            return send(left, again) + send(right, again)
         except Exception as exc:
             _current.cost = None
+            if len(batch.items) > 1 and _about_one_input(exc):
+                left, right = batch.halves(cost)
+                return send(left, again) + send(right, again)
             return [exc] * len(batch.items)
         outcomes: List[Any] = []
         for k, found in enumerate(split_choices(answers(response), len(batch.items), n)):
             if not isinstance(found, IncompleteResponse):
-                outcomes.append(result(found, batch.positions[k]))
-            elif again:  # ask once more, alone
+                outcomes.append(result(response, found, batch.positions[k]))
+            elif again:
                 outcomes.extend(send(Batch((batch.positions[k],), (batch.items[k],), cost(batch.items[k])), False))
             else:
                 outcomes.append(found)
@@ -384,10 +517,13 @@ def _sender(
 
 
 def _token_budget(client: _ThrottledMixin, model: str, ceiling: Optional[int] = None) -> Callable[[], Optional[int]]:
-    """The most tokens one request may cost: what the limiter lets through at once (its burst)."""
-    key = (client._account, model)
+    """The most tokens one request may cost: what the limiter lets through at once (its burst).
+    While the limits are unknown, 0: one input per request (only one is in flight then)."""
+    key = (client._account, client._limit_model({"model": model}))
 
     def budget() -> Optional[int]:
+        if not client.limiter.limits_known(key):
+            return 0
         burst = client.limiter.token_burst(key)
         if burst is None:
             return ceiling
@@ -402,12 +538,17 @@ def _completions_plan(
     _check_positive_int("batch_size", batch_size, upper=2048)
     n = kwargs.get("n", 1)
     _check_positive_int("n", n, upper=128)
+    best_of = kwargs.get("best_of")
+    if best_of is not None:
+        _check_positive_int("best_of", best_of, upper=20)
+        if best_of < n:
+            raise ValueError(f"best_of must be >= n, got best_of={best_of} and n={n}")
     priced = {k: v for k, v in kwargs.items() if k in ("max_tokens", "n", "best_of")}
 
     def cost(prompt: Any) -> int:
         return estimate_cost("completions", {"model": model, "prompt": prompt, **priced}, client._counter)
 
-    def result(choices: List[Any], position: int) -> Any:
+    def result(response: Any, choices: List[Any], position: int) -> Any:
         for j, choice in enumerate(choices):
             choice.index = position * n + j  # the index it would have in one request for all inputs
         return choices[0] if n == 1 else choices
@@ -436,40 +577,40 @@ def _embeddings_plan(
     send = _sender(
         lambda texts: create(model=model, input=texts, **kwargs),
         lambda r: r.data,
-        lambda found, position: found[0].embedding,
+        lambda response, found, position: found[0].embedding,
         cost,
     )
     return batches, send
 
 
 def _is_conversation(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and all(isinstance(message, Mapping) for message in value)
+    return (
+        isinstance(value, (list, tuple))
+        and bool(value)
+        and all(isinstance(message, Mapping) or hasattr(message, "role") for message in value)
+    )
 
 
 def _chat_plan(
     client: _ThrottledMixin, conversations: Iterable[Any], model: str, batch_size: int, kwargs: Dict[str, Any]
 ) -> Tuple[Iterator[Batch[Any]], Callable[[Batch[Any]], List[Any]]]:
-    _check_positive_int("n", kwargs.get("n", 1), upper=128)
+    n = kwargs.get("n", 1)
+    _check_positive_int("n", n, upper=128)
     priced = {k: v for k, v in kwargs.items() if k in ("max_tokens", "max_completion_tokens", "n")}
 
     def cost(messages: Any) -> int:
         return estimate_cost("chat", {"model": model, "messages": messages, **priced}, client._counter)
 
-    checked = _checked(conversations, _is_conversation, "a non-empty list of message dicts")
-    items = ((position, messages, cost(messages)) for position, messages in checked)
+    def result(response: Any, choices: List[Any], position: int) -> Any:
+        response.choices = choices  # in index order
+        return response
+
+    checked = _checked(conversations, _is_conversation, "a non-empty list of messages")
+    items = ((position, list(messages), cost(messages)) for position, messages in checked)
     batches = pack(items, 1, lambda: None)  # the API takes one conversation per request
     create = client.chat.completions.create  # type: ignore[attr-defined]
-
-    def send(batch: Batch[Any]) -> List[Any]:
-        from .client import _current
-
-        _current.cost = batch.cost
-        try:
-            return [create(model=model, messages=batch.items[0], **kwargs)]
-        except Exception as exc:
-            _current.cost = None
-            return [exc]
-
+    # One conversation per request: its n choices are checked like a batch of one input.
+    send = _sender(lambda convs: create(model=model, messages=convs[0], **kwargs), lambda r: r.choices, result, cost, n)
     return batches, send
 
 
@@ -482,7 +623,7 @@ Plan = Callable[
 PLANS: Dict[str, Tuple[Plan, Callable[[Any], bool], str]] = {
     "completions": (_completions_plan, _is_prompt, "a str or a list of token ids"),
     "embeddings": (_embeddings_plan, _is_prompt, "a str or a list of token ids"),
-    "chat": (_chat_plan, _is_conversation, "a non-empty list of message dicts"),
+    "chat": (_chat_plan, _is_conversation, "a non-empty list of messages"),
 }
 
 
@@ -504,6 +645,7 @@ def bulk_map(
     plan, check, what = PLANS[endpoint]
     items = inputs if isinstance(inputs, Sequence) else list(inputs)
     _check_common(kwargs, max_workers, timeout)
+    _check_progress(progress)
     for position, value in enumerate(items):
         if not check(value):
             raise TypeError(f"input {position} must be {what}, got {type(value).__name__}")
@@ -528,10 +670,11 @@ def bulk_imap(
     kwargs: Dict[str, Any],
 ) -> Iterator[Tuple[int, Any]]:
     """Lazy: the input is read as requests go out, a bounded window ahead; each input is checked as
-    it is read, before its request is sent."""
+    it is read, before its request is sent. Nothing starts before the first ``next()``."""
     if isinstance(inputs, (str, bytes)):
         raise TypeError("inputs must be an iterable of inputs, not a single str")
     _check_common(kwargs, max_workers, timeout)
+    _check_progress(progress)
     batches, send = PLANS[endpoint][0](client, inputs, model, batch_size, kwargs)
     total = len(inputs) if isinstance(inputs, Sequence) else None
     run = _Run(client, model, send, max_workers, progress, timeout, total)
