@@ -14,7 +14,14 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 @pytest.mark.parametrize(
     "name",
-    ["quickstart.py", "thread_pool.py", "completion_loop_to_map.py", "embed_csv_column.py", "chat_classification.py"],
+    [
+        "quickstart.py",
+        "thread_pool.py",
+        "completion_loop_to_map.py",
+        "embed_csv_column.py",
+        "chat_classification.py",
+        "legacy_script.py",
+    ],
 )
 def test_example_runs(name: str) -> None:
     env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}

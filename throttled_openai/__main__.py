@@ -1,6 +1,7 @@
-"""Command line: ``python -m throttled_openai demo`` (also installed as ``throttled-openai``).
+"""Command line: ``python -m throttled_openai demo|run`` (also installed as ``throttled-openai``).
 
-The demo needs no API key and no network: it starts the fake OpenAI server from
+``run`` processes a JSONL file of request bodies (see :mod:`throttled_openai.cli`). The demo needs
+no API key and no network: it starts the fake OpenAI server from
 :mod:`throttled_openai.testing` in-process with strict limits, runs a few thousand chat completions
 through one :class:`ThrottledClient` from many threads, and prints what happened.
 """
@@ -13,6 +14,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import List, Optional, Sequence
 
+from . import cli
 from .client import ThrottledClient
 from .testing import FakeOpenAI
 
@@ -72,7 +74,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     run.add_argument("--rpm", type=float, default=6000, help="the fake server's requests per minute (default 6000)")
     run.add_argument("--tpm", type=float, default=150_000, help="the fake server's tokens per minute (default 150000)")
     run.add_argument("--latency", type=float, default=0.05, help="the fake server's latency, seconds (default 0.05)")
+    cli.add_parser(commands)
     args = parser.parse_args(argv)
+    if args.command == "run":
+        return cli.execute(args)
     for name in ("requests", "threads", "rpm", "tpm"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name} must be > 0")
