@@ -47,9 +47,10 @@ def demo(requests: int, threads: int, rpm: float, tpm: float, latency: float) ->
         served = server.stats()
     stats = client.stats()
     # The ceiling: the server's requests per second, or its tokens per second over the tokens one
-    # request really uses, whichever binds.
+    # request really uses, whichever binds; plus the one second of budget its bucket starts with.
     tokens_per_request = stats.tokens_used / max(1, stats.calls)
-    ceiling = min(rpm / 60.0, tpm / 60.0 / max(1.0, tokens_per_request))
+    rate = min(rpm / 60.0, tpm / 60.0 / max(1.0, tokens_per_request))
+    ceiling = rate * (1.0 + 1.0 / elapsed)
     achieved = len(replies) / elapsed
     print(
         f"\n  results received       {sum(1 for r in replies if r)} of {requests}\n"
