@@ -120,11 +120,11 @@ def test_rerun_skips_done_lines_and_redoes_a_torn_one(tmp_path: Path, server: Fa
 
 def test_retry_failed_reruns_only_failures_and_compacts(tmp_path: Path, server: FakeOpenAI) -> None:
     write_lines(tmp_path / "requests.jsonl", [chat(i) for i in range(12)])
-    server.inject("quota", count=3)  # never retried by the client: three lines fail
+    server.inject("400", count=3)  # never retried by the client: three lines fail
     assert run(tmp_path, server, "--max-workers", "1") == 1
     failed = [r["line"] for r in records(tmp_path / "results.jsonl") if "error" in r]
     assert len(failed) == 3
-    assert {r["error"]["type"] for r in records(tmp_path / "results.jsonl") if "error" in r} == {"quota"}
+    assert {r["error"]["type"] for r in records(tmp_path / "results.jsonl") if "error" in r} == {"status_400"}
     server.reset_stats()
     assert run(tmp_path, server) == 1  # a plain rerun leaves failures alone
     assert server.stats()["requests"] == 0
@@ -211,3 +211,162 @@ def test_python_dash_m_throttled_openai_run(tmp_path: Path) -> None:
         [sys.executable, "-m", "throttled_openai", "run", "--help"], capture_output=True, text=True, check=False
     )
     assert out.returncode == 0 and "--retry-failed" in out.stdout
+
+
+# -- regressions ---------------------------------------------------------------------------------
+
+
+class _Crash(BaseException):
+    """Stands for the process dying right after an ``os.replace``."""
+
+
+@pytest.mark.parametrize("crash_after", [1, 2, 3])
+def test_compaction_crash_at_any_step_keeps_records_and_line_numbers_paired(
+    tmp_path: Path, server: FakeOpenAI, monkeypatch: pytest.MonkeyPatch, crash_after: int
+) -> None:
+    lines = [{**chat(i), "metadata": i + 1} for i in range(12)]  # metadata: the line number, to check pairing
+    write_lines(tmp_path / "requests.jsonl", lines)
+    server.inject("400", count=3)
+    assert run(tmp_path, server, "--format", "cookbook", "--max-workers", "1") == 1
+    real_replace, calls = os.replace, []
+
+    def replace_then_crash(source: Any, target: Any) -> None:
+        real_replace(source, target)
+        calls.append(target)
+        if len(calls) == crash_after:
+            raise _Crash
+
+    monkeypatch.setattr(os, "replace", replace_then_crash)
+    with pytest.raises(_Crash):  # the 3 failures are redone, then compaction dies part-way
+        run(tmp_path, server, "--format", "cookbook", "--retry-failed")
+    monkeypatch.setattr(os, "replace", real_replace)
+    server.reset_stats()
+    assert run(tmp_path, server, "--format", "cookbook", "--retry-failed") == 0
+    assert server.stats()["requests"] == 0  # nothing lost, nothing mispaired into a failure
+    numbers = [int(n) for n in (tmp_path / "results.jsonl.lines").read_text().split()]
+    out = records(tmp_path / "results.jsonl")
+    assert numbers == list(range(1, 13)) and [record[2] for record in out] == numbers
+    assert all("choices" in record[1] for record in out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["requests.jsonl", "results.jsonl", "results.jsonl.lines"]
+
+
+def test_odd_lines_fail_alone_and_never_stop_the_job(tmp_path: Path, server: FakeOpenAI) -> None:
+    lines: List[Any] = [
+        completion(1),
+        '{"model": "' + INSTRUCT + '", "prompt": "bad \\ud800 x", "max_tokens": 4}',  # lone surrogate: valid JSON
+        {"model": [INSTRUCT], "prompt": "x"},
+        {"model": {"a": 1}, "prompt": "x"},
+        completion(5, n="2"),
+        completion(6, max_tokens="5"),
+        chat(7),
+        completion(8),
+    ]
+    write_lines(tmp_path / "requests.jsonl", lines)
+    assert run(tmp_path, server) == 1
+    out = {r["line"]: r for r in records(tmp_path / "results.jsonl")}
+    assert sorted(out) == list(range(1, 9))
+    assert out[3]["error"]["type"] == out[4]["error"]["type"] == "invalid_model"
+    assert "error" in out[2] and out[2]["request"]["prompt"] == "bad \ud800 x"
+    assert all("response" in out[n] for n in (1, 7, 8))
+    server.reset_stats()
+    assert run(tmp_path, server) == 1 and server.stats()["requests"] == 0  # resumes past them
+
+
+def test_a_200_whose_body_is_not_an_object_fails_its_lines(tmp_path: Path) -> None:
+    import http.server
+    import threading
+
+    class NullBody(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["content-length"]))
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", "4")
+            self.end_headers()
+            self.wfile.write(b"null")
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NullBody)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    write_lines(tmp_path / "requests.jsonl", [completion(1), completion(2), chat(3)])
+    base = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    try:
+        code = cli.main([str(tmp_path / "requests.jsonl"), "-o", str(tmp_path / "results.jsonl"), "--no-progress",
+                         "--api-key", KEY, "--base-url", base, "--rpm", "600", "--tpm", "100000"])  # fmt: skip
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert code == 1
+    out = records(tmp_path / "results.jsonl")
+    assert sorted(r["line"] for r in out) == [1, 2, 3]
+    assert all(r["error"]["type"] == "UnexpectedResponse" for r in out)
+
+
+def test_a_batch_refused_as_too_large_is_split(tmp_path: Path) -> None:
+    write_lines(tmp_path / "requests.jsonl", [completion(i, max_tokens=400) for i in range(40)])
+    with FakeOpenAI(rpm=600, tpm=6000) as server:  # 20 such prompts need ~8,100 tokens at once
+        assert run(tmp_path, server) == 0
+    out = {r["line"]: r for r in records(tmp_path / "results.jsonl")}
+    assert sorted(out) == list(range(1, 41))
+    assert all(out[i + 1]["response"]["choices"][0]["text"] == f" echo:prompt {i}#0" for i in range(40))
+
+
+def test_batch_usage_survives_its_first_line_being_asked_again(tmp_path: Path) -> None:
+    write_lines(tmp_path / "requests.jsonl", [completion(i) for i in range(5)])
+    with FakeOpenAI(shuffle=False) as server:
+        server.inject("duplicate_choice")  # one line's answer is repeated: it is asked again alone
+        assert run(tmp_path, server, "--rpm", "6000", "--tpm", "1000000") == 0
+        charged = server.stats()["tokens_charged"]
+        assert server.stats()["requests"] == 2
+    out = records(tmp_path / "results.jsonl")
+    assert sum((r["response"]["usage"] or {}).get("total_tokens", 0) for r in out) == charged
+
+
+@pytest.mark.parametrize("fault", ["quota", "401"])
+def test_an_error_every_request_would_get_stops_the_job(
+    tmp_path: Path, fault: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_lines(tmp_path / "requests.jsonl", [chat(i) for i in range(30)])
+    with FakeOpenAI(api_keys=[KEY], rpm=6000, tpm=1_000_000, bucket_seconds=1.0) as server:
+        args = [str(tmp_path / "requests.jsonl"), "-o", str(tmp_path / "results.jsonl"), "--no-progress"]
+        args += ["--base-url", server.base_url, "--max-workers", "2"]
+        if fault == "quota":
+            server.inject("quota")
+        assert cli.main([*args, "--api-key", KEY if fault == "quota" else "sk-wrong-key-000"]) == 1
+        assert "stopped at line" in capsys.readouterr().err
+        first = records(tmp_path / "results.jsonl")
+        assert len(first) < 30 and server.stats()["requests"] < 30  # the rest was not sent
+        assert {r["error"]["type"] for r in first if "error" in r} == {"quota" if fault == "quota" else "status_401"}
+        assert cli.main([*args, "--api-key", KEY]) == 1  # a plain rerun does the rest, keeps the failures
+        assert len(records(tmp_path / "results.jsonl")) == 30
+        assert cli.main([*args, "--api-key", KEY, "--retry-failed"]) == 0
+    out = records(tmp_path / "results.jsonl")
+    assert [r["line"] for r in out] == list(range(1, 31)) and all("response" in r for r in out)
+
+
+def test_ctrl_c_does_not_wait_for_requests_on_the_wire(tmp_path: Path) -> None:
+    requests = write_lines(tmp_path / "requests.jsonl", [chat(i) for i in range(20)])
+    results = tmp_path / "results.jsonl"
+    with FakeOpenAI(slow_seconds=30, latency=0.005) as server:
+        server.inject("slow", count=2)
+        command = [sys.executable, "-m", "throttled_openai.cli", str(requests), "-o", str(results), "--no-progress"]
+        env = {**os.environ, "OPENAI_API_KEY": KEY, "OPENAI_BASE_URL": server.base_url}
+        env["PYTHONPATH"] = os.pathsep.join([str(Path(cli.__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+        child = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 30
+        while server.stats()["requests"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        child.send_signal(signal.SIGINT)
+        try:  # before the fix it waited for the 30 s request
+            _, err = child.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.communicate()
+            pytest.fail("Ctrl-C waited for the requests on the wire")
+        assert child.returncode == 130 and "interrupted" in err
+        server._faults.clear()
+        rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert rerun.returncode == 0, rerun.stderr
+    assert sorted(r["line"] for r in records(results)) == list(range(1, 21))

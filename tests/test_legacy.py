@@ -210,3 +210,61 @@ def test_one_shared_client_for_concurrent_first_calls(server: FakeOpenAI) -> Non
     assert sorted(texts) == sorted(f" echo:t{i}#0" for i in range(8))
     client = openai.get_client()
     assert client is not None and client.stats().calls == 8  # every call went through one client
+
+
+# -- regressions ---------------------------------------------------------------------------------
+
+
+def test_per_call_settings_apply_to_that_call_only(server: FakeOpenAI) -> None:
+    openai.api_key = openai.api_base = None  # nothing set: the per-call values must not become the defaults
+    openai.Completion.create(
+        model=MODEL, prompt="a", api_key="sk-test", api_base=server.base_url, organization="org-per-call"
+    )
+    assert server.requests_log[-1]["headers"].get("openai-organization") == "org-per-call"
+    client = openai.get_client()  # built from the module settings and environment, not from that call
+    assert client is not None and str(client.base_url).startswith("https://api.openai.com")
+    with pytest.raises(openai.error.AuthenticationError):  # no key anywhere: v0 raised
+        openai.Completion.create(model=MODEL, prompt="b", api_base=server.base_url)
+    openai.api_key = "sk-test"
+    openai.Completion.create(model=MODEL, prompt="c", api_base=server.base_url)
+    assert "openai-organization" not in server.requests_log[-1]["headers"]
+    assert server.stats()["requests"] == 2
+
+
+def test_request_timeout_is_raised_at_once_not_retried(server: FakeOpenAI) -> None:
+    server.inject("slow", count=5)
+    with pytest.raises(openai.error.Timeout):
+        openai.Completion.create(model=MODEL, prompt="x", request_timeout=0.3)
+    assert server.stats()["requests"] == 1
+
+
+def test_errors_carry_request_id_and_a_409_is_try_again(server: FakeOpenAI) -> None:
+    server.inject("400")
+    with pytest.raises(openai.error.InvalidRequestError) as bad:
+        openai.Completion.create(model=MODEL, prompt="x")
+    assert bad.value.request_id and bad.value.organization is None
+    import http.server
+
+    class Conflict(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["content-length"]))
+            body = b'{"error": {"message": "busy", "type": "conflict"}}'
+            self.send_response(409)
+            for name, value in (("content-type", "application/json"), ("x-should-retry", "false")):
+                self.send_header(name, value)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Conflict)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(openai.error.TryAgain) as again:
+            openai.Completion.create(model=MODEL, prompt="x", api_base=f"http://127.0.0.1:{httpd.server_address[1]}/v1")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert again.value.http_status == 409 and str(again.value) == "busy"

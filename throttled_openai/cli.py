@@ -13,7 +13,12 @@ How it stays correct when killed:
   one record (a retried failure), the output is rewritten with one record per line, the last, in line
   order, through a temporary file and ``os.replace`` so a crash leaves the old or the new file.
 - The native format carries its line number; the Cookbook's ``[request, response, metadata]`` arrays do
-  not, so ``--format cookbook`` keeps the line numbers in a side file, ``<output>.lines``.
+  not, so ``--format cookbook`` keeps the line numbers in a side file, ``<output>.lines``. Compaction
+  first writes the new numbers to ``<output>.lines.next`` with the new output's size and CRC, then
+  replaces the output, then the side file; a rerun adopts a ``.lines.next`` only if the output matches it.
+- An error every later request would get too (no quota left, a rejected key, no permission) stops the
+  job: nothing more is sent, the lines not sent stay undone, and the exit code is 1. Ctrl-C stops at
+  once (requests on the wire are abandoned), with exit code 130; a rerun continues either way.
 
 Single-prompt completions lines whose bodies differ only in ``prompt`` share one request (up to 20
 prompts, within the token burst the limiter allows); their answers are matched back by ``index``.
@@ -27,8 +32,9 @@ import os
 import sys
 import threading
 import time
+import zlib
 from collections import Counter, deque
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Callable, Deque, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
@@ -36,6 +42,8 @@ import openai
 
 from .batching import MAX_PROMPTS_PER_COMPLETION
 from .client import ThrottledClient, _current
+from .errors import Cancelled
+from .mapping import _about_one_input, _is_fatal, _Pool
 from .retry import Retry
 from .tokens import estimate_cost
 
@@ -48,6 +56,8 @@ _SHAPES = (("prompt", "completions"), ("messages", "chat"), ("input", "embedding
 # Lines a completions line may wait, unsent, for compatible lines to share its request.
 _HOLD_LINES = 1000
 _DEFAULT_WORKERS = 32
+# Seconds the main thread waits at a time, so Ctrl-C is noticed promptly.
+_WAIT_SLICE = 0.25
 
 
 class UsageError(Exception):
@@ -71,7 +81,10 @@ class Task:
         return Result(self.line, self.request, self.metadata, self.has_metadata, response=response, batch=batch)
 
     def failed(self, error: BaseException) -> Result:
-        return Result(self.line, self.request, self.metadata, self.has_metadata, error=_describe(error))
+        result = Result(self.line, self.request, self.metadata, self.has_metadata, error=_describe(error))
+        result.fatal = _is_fatal(error)
+        result.unsent = isinstance(error, Cancelled)
+        return result
 
 
 @dataclass
@@ -85,9 +98,17 @@ class Result:
     response: Optional[Dict[str, Any]] = None
     error: Optional[Dict[str, Any]] = None
     batch: Optional[List[int]] = None  # lines that shared the request, when batched
+    fatal: bool = False  # an error every later request would get too: the job stops
+    unsent: bool = False  # the job stopped before the request went out: no result, the line stays undone
 
     def encode(self, fmt: str) -> bytes:
         """The output line, ``\\n`` included."""
+        try:
+            return _encode(self._record(fmt))
+        except (TypeError, ValueError) as exc:  # cannot happen with JSON data; never lose the line
+            return _encode(Result(self.line, repr(self.request), error=_describe(exc))._record(fmt))
+
+    def _record(self, fmt: str) -> Any:
         record: Any
         if fmt == "cookbook":  # [request, response or [error message], metadata?]
             outcome = self.response if self.error is None else [self.error["message"]]
@@ -99,7 +120,15 @@ class Result:
                 record["metadata"] = self.metadata
             if self.batch:
                 record["batch_lines"] = self.batch
+        return record
+
+
+def _encode(record: Any) -> bytes:
+    """One JSON line; UTF-8 as is, or ``\\u`` escapes where a lone surrogate (valid JSON) has no UTF-8."""
+    try:
         return json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+    except UnicodeEncodeError:
+        return json.dumps(record, separators=(",", ":")).encode() + b"\n"
 
 
 def _describe(error: BaseException) -> Dict[str, Any]:
@@ -141,6 +170,8 @@ def _parse(number: int, raw: bytes, endpoint: Optional[str], model: Optional[str
     kind = endpoint or next((name for field, name in _SHAPES if field in body), None)
     if kind is None:
         return _bad_line(number, body, "unknown_shape", "no prompt, messages or input (or give --endpoint)")
+    if body.get("model") is not None and not isinstance(body["model"], str):
+        return _bad_line(number, body, "invalid_model", "model must be a string")
     if not body.get("model"):
         if not model:
             return _bad_line(number, body, "missing_model", "no model in the line (or give --model)")
@@ -153,42 +184,64 @@ def _parse(number: int, raw: bytes, endpoint: Optional[str], model: Optional[str
 # -- sending ------------------------------------------------------------------------------------
 
 
+class UnexpectedResponse(Exception):
+    """The server answered 200 with a body that is not a JSON object."""
+
+
 def _as_dict(result: Any) -> Dict[str, Any]:
-    return result.to_dict() if hasattr(result, "to_dict") else dict(result)  # type: ignore[no-any-return]
+    converted = result.to_dict() if hasattr(result, "to_dict") else result
+    if not isinstance(converted, dict):
+        raise UnexpectedResponse(f"the response is not a JSON object: {str(converted)[:200]!r}")
+    return converted
+
+
+def _post(client: ThrottledClient, path: str, body: Dict[str, Any]) -> Dict[str, Any]:
+    cancel = getattr(_current, "cancel", None)
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("the job stopped before this request was sent")
+    return _as_dict(client.post(path, body=body, cast_to=openai.BaseModel))
 
 
 def send_one(client: ThrottledClient, task: Task) -> List[Result]:
     """One line, one request; the body goes as is, unknown fields included."""
     try:
-        response = client.post(PATHS[task.endpoint], body=task.request, cast_to=openai.BaseModel)
+        response = _post(client, PATHS[task.endpoint], task.request)
     except Exception as exc:
         return [task.failed(exc)]
-    return [task.done(_as_dict(response))]
+    return [task.done(response)]
 
 
 def send_batch(client: ThrottledClient, tasks: List[Task]) -> List[Result]:
-    """Compatible completions lines in one request (``prompt`` as a list). A 400 splits the batch until
-    the line at fault fails alone; a line whose answer is missing or repeated is asked again alone."""
+    """Compatible completions lines in one request (``prompt`` as a list). A 400, or a refusal as too
+    large for the token limit, splits the batch until the line at fault fails alone; a line whose answer
+    is missing or repeated is asked again alone."""
     if len(tasks) == 1:
         return send_one(client, tasks[0])
     n = tasks[0].request.get("n") or 1
     body = {**tasks[0].request, "prompt": [task.request["prompt"] for task in tasks]}
     try:
-        response = _as_dict(client.post(PATHS["completions"], body=body, cast_to=openai.BaseModel))
-    except openai.BadRequestError:
-        middle = len(tasks) // 2
-        return send_batch(client, tasks[:middle]) + send_batch(client, tasks[middle:])
+        response = _post(client, PATHS["completions"], body)
+        answers = _by_index(response.get("choices"), len(tasks), n if isinstance(n, int) and n > 0 else 1)
     except Exception as exc:
+        if isinstance(exc, openai.BadRequestError) or _about_one_input(exc) or _local_body_error(exc):
+            middle = len(tasks) // 2
+            return send_batch(client, tasks[:middle]) + send_batch(client, tasks[middle:])
         return [task.failed(exc) for task in tasks]
     lines = [task.line for task in tasks]
     results: List[Result] = []
-    for k, (task, choices) in enumerate(zip(tasks, _by_index(response.get("choices"), len(tasks), n))):
+    usage = response.get("usage")  # reported once, on the first line answered from the batch
+    for task, choices in zip(tasks, answers):
         if choices is None:
             results.extend(send_one(client, task))
-        else:  # as if sent alone; the batch's usage is reported once, on its first line
-            usage = response.get("usage") if k == 0 else None
+        else:  # as if sent alone
             results.append(task.done({**response, "choices": choices, "usage": usage}, lines))
+            usage = None
     return results
+
+
+def _local_body_error(error: BaseException) -> bool:
+    """The SDK could not even encode the body (a lone surrogate, ...): one prompt's fault, likely."""
+    return isinstance(error, (UnicodeError, TypeError, ValueError)) and not isinstance(error, openai.OpenAIError)
 
 
 def _by_index(choices: Any, inputs: int, n: int) -> List[Optional[List[Dict[str, Any]]]]:
@@ -212,6 +265,9 @@ def batch_key(task: Task) -> Optional[str]:
     in ``prompt``. ``None``: the line goes alone."""
     if task.endpoint != "completions" or not isinstance(task.request.get("prompt"), str):
         return None
+    n = task.request.get("n")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        return None  # the server will say what is wrong with it, about this line alone
     return json.dumps({k: v for k, v in task.request.items() if k != "prompt"}, sort_keys=True)
 
 
@@ -225,6 +281,7 @@ class Output:
         self.path = path
         self.fmt = fmt
         self.index_path = path + ".lines" if fmt == "cookbook" else None
+        self.next_path = path + ".lines.next"  # compaction's new line numbers, until both files are in
         self.untidy = False  # a line has several records, or a record is unreadable
         self._out: Optional[BinaryIO] = None
         self._index: Optional[BinaryIO] = None
@@ -232,11 +289,30 @@ class Output:
     def load(self) -> Dict[int, Optional[str]]:
         """Line → ``None`` (done) or its error type, last record winning; cuts off torn last lines."""
         state: Dict[int, Optional[str]] = {}
+        self._recover()
         for line, record in self._records():
             if line in state:
                 self.untidy = True
             state[line] = _error_type(record)
         return state
+
+    def _recover(self) -> None:
+        """Finish or undo a compaction a crash interrupted: a ``.lines.next`` made for the output that
+        is now in place (same size and CRC) becomes the side file; one made for an output that never
+        got in place is dropped, the old output and side file still belonging together."""
+        leftovers = [self.path + ".tmp", self.next_path + ".tmp"]
+        if self.index_path is not None:
+            leftovers.append(self.index_path + ".tmp")
+        for leftover in leftovers:
+            if os.path.exists(leftover):
+                os.remove(leftover)
+        if self.index_path is None or not os.path.exists(self.next_path):
+            return
+        with open(self.next_path, "rb") as file:
+            header, _, numbers = file.read().partition(b"\n")
+        if os.path.exists(self.path) and header == _signature(self.path):
+            _replace(self.index_path, iter([numbers]))
+        os.remove(self.next_path)
 
     def _records(self) -> Iterator[Tuple[int, Any]]:
         if not os.path.exists(self.path):
@@ -284,19 +360,23 @@ class Output:
         self._out = self._index = None
 
     def compact(self) -> None:
-        """Rewrite with one record per line (the last), in line order; atomic per file."""
+        """Rewrite with one record per line (the last), in line order; a crash at any point leaves
+        the old pair or the new one (see :meth:`_recover`)."""
         self.close()
         last: Dict[int, bytes] = {}
         for line, record in self._records():
-            last[line] = self._encode_record(record)
+            last[line] = _encode(record)
         lines = sorted(last)
-        _replace(self.path, (last[line] for line in lines))
-        if self.index_path is not None:
-            _replace(self.index_path, (b"%d\n" % line for line in lines))
+        if self.index_path is None:
+            _replace(self.path, (last[line] for line in lines))
+        else:
+            temporary = _write_synced(self.path + ".tmp", (last[line] for line in lines))
+            numbers = b"".join(b"%d\n" % line for line in lines)
+            _replace(self.next_path, iter([_signature(temporary) + b"\n", numbers]))
+            os.replace(temporary, self.path)
+            _replace(self.index_path, iter([numbers]))
+            os.remove(self.next_path)
         self.untidy = False
-
-    def _encode_record(self, record: Any) -> bytes:
-        return json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
 
 
 def _error_type(record: Any) -> Optional[str]:
@@ -328,14 +408,26 @@ def _write_all(file: BinaryIO, data: bytes) -> None:
         view = view[file.write(view) or 0 :]
 
 
-def _replace(path: str, chunks: Iterator[bytes]) -> None:
-    temporary = path + ".tmp"
-    with open(temporary, "wb") as file:
+def _write_synced(path: str, chunks: Iterator[bytes]) -> str:
+    with open(path, "wb") as file:
         for chunk in chunks:
-            file.write(chunk)
+            _write_all(file, chunk)
         file.flush()
         os.fsync(file.fileno())
-    os.replace(temporary, path)
+    return path
+
+
+def _replace(path: str, chunks: Iterator[bytes]) -> None:
+    os.replace(_write_synced(path + ".tmp", chunks), path)
+
+
+def _signature(path: str) -> bytes:
+    """``size crc32`` of a file's content."""
+    crc, size = 0, 0
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            crc, size = zlib.crc32(block, crc), size + len(block)
+    return b"%d %08x" % (size, crc)
 
 
 class Writer:
@@ -363,6 +455,13 @@ class Writer:
         while self.expected and self.expected[0] in self.ready:
             self._write(self.ready.pop(self.expected.popleft()))
 
+    def flush(self) -> None:
+        """The job stopped early: write what waits for an earlier line that will not come (a rerun puts
+        the output back in order)."""
+        for line in sorted(self.ready):
+            self._write(self.ready.pop(line))
+        self.expected.clear()
+
     def _write(self, result: Result) -> None:
         self.output.append(result)
         self.written += 1
@@ -378,66 +477,111 @@ class Writer:
 # -- the job ------------------------------------------------------------------------------------
 
 
-def process(client: ThrottledClient, items: Iterator[Union[Task, Result]], writer: Writer, workers: int) -> None:
+def process(
+    client: ThrottledClient, items: Iterator[Union[Task, Result]], writer: Writer, workers: int
+) -> Optional[Result]:
     """Send every task on ``workers`` threads, batching compatible completions lines; results go to
-    ``writer`` from this thread only. Ctrl-C stops: nothing more is sent, waiting workers give up."""
+    ``writer`` from this thread only. Returns the first fatal result (no quota, a rejected key, no
+    permission) if one stopped the job: then nothing more is sent and the lines not sent stay undone.
+    Ctrl-C (``KeyboardInterrupt``) stops at once: finished results are written, the requests still on the
+    wire are abandoned to their daemon threads, and the interrupt is raised again."""
     stop = threading.Event()
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="throttled_openai_run")
-    inflight: Set[Future[List[Result]]] = set()
+    pool = _Pool(workers)
+    inflight: Set[Future[List[Any]]] = set()
     groups: Dict[str, List[Task]] = {}  # batches being filled, oldest first
     costs: Dict[str, int] = {}
+    fatal: List[Result] = []
 
-    def work(send: Callable[[ThrottledClient, Any], List[Result]], what: Any) -> List[Result]:
+    def work(job: Tuple[Callable[[ThrottledClient, Any], List[Result]], Any]) -> List[Result]:
+        send, what = job
+        if stop.is_set():
+            return []  # never sent: the line stays undone
         _current.cancel = stop  # lets a worker waiting in the limiter give up when the job stops
         try:
             return send(client, what)
+        except Exception as exc:  # a bug or an odd answer: that request's lines fail, the job goes on
+            return [task.failed(exc) for task in (what if isinstance(what, list) else [what])]
         finally:
             _current.cancel = None
 
+    def take(future: Future[List[Any]]) -> None:
+        inflight.discard(future)
+        try:
+            results = future.result()
+        except BaseException:  # the worker was stopped: its lines stay undone
+            return
+        for result in results:
+            if result.unsent:
+                continue
+            writer.put(result)
+            if result.fatal and not fatal:
+                fatal.append(result)
+                stop.set()
+
     def drain(block: bool) -> None:
-        done, _ = wait(inflight, timeout=None if block else 0, return_when=FIRST_COMPLETED)
+        while True:
+            done, _ = wait(inflight, timeout=_WAIT_SLICE if block else 0, return_when=FIRST_COMPLETED)
+            if done or not block:
+                break
         for future in done:
-            inflight.remove(future)
-            for result in future.result():
-                writer.put(result)
+            take(future)
 
     def submit(send: Callable[[ThrottledClient, Any], List[Result]], what: Any) -> None:
         while len(inflight) >= 2 * workers:  # read ahead no further than the pool can use
             drain(block=True)
-        inflight.add(pool.submit(work, send, what))
+        if not stop.is_set():
+            inflight.add(pool.submit(work, (send, what)))
 
     def flush(key: str) -> None:
         costs.pop(key)
         submit(send_batch, groups.pop(key))
 
+    def add(item: Task) -> None:
+        key = batch_key(item)
+        if key is None:
+            submit(send_one, item)
+            return
+        cost = estimate_cost("completions", item.request, client._counter)
+        burst = client.limiter.token_burst((client._account, client._limit_model(item.request)))
+        if key in groups and burst is not None and costs[key] + cost > burst:
+            flush(key)
+        groups.setdefault(key, []).append(item)
+        costs[key] = costs.get(key, 0) + cost
+        if len(groups[key]) >= MAX_PROMPTS_PER_COMPLETION:
+            flush(key)
+
     try:
         for item in items:
+            if stop.is_set():
+                break
             writer.expect(item.line)
             if isinstance(item, Result):
                 writer.put(item)
                 continue
-            key = batch_key(item)
-            if key is None:
-                submit(send_one, item)
-            else:
-                cost = estimate_cost("completions", item.request, client._counter)
-                burst = client.limiter.token_burst((client._account, item.request["model"]))
-                if key in groups and burst is not None and costs[key] + cost > burst:
-                    flush(key)
-                groups.setdefault(key, []).append(item)
-                costs[key] = costs.get(key, 0) + cost
-                if len(groups[key]) >= MAX_PROMPTS_PER_COMPLETION:
-                    flush(key)
+            try:
+                add(item)
+            except Exception as exc:  # something about this line: its error, not the job's end
+                writer.put(item.failed(exc))
             while groups and item.line - groups[next(iter(groups))][0].line > _HOLD_LINES:
                 flush(next(iter(groups)))
             drain(block=False)
-        while groups:
+        while groups and not stop.is_set():
             flush(next(iter(groups)))
         while inflight:
             drain(block=True)
+    except KeyboardInterrupt:
+        stop.set()
+        for future in list(inflight):
+            if future.done():
+                take(future)
+        raise
     finally:
         stop.set()
-        pool.shutdown(wait=False, cancel_futures=True)
+        for future in inflight:
+            future.cancel()
+        pool.shutdown()
+        writer.flush()
+    return fatal[0] if fatal else None
 
 
 @dataclass(frozen=True)
@@ -460,7 +604,8 @@ class Options:
 
 
 def run(options: Options) -> int:
-    """Run the job; return the exit code: 0 every line has a response, 1 some failed, 130 Ctrl-C."""
+    """Run the job; return the exit code: 0 every line has a response, 1 some failed (or an error every
+    request would get stopped the job), 130 Ctrl-C."""
     started = time.monotonic()
     output = Output(options.output, options.format)
     state = output.load()
@@ -476,8 +621,9 @@ def run(options: Options) -> int:
     writer = Writer(output, options.ordered, state, progress)
     items = read_tasks(options.input, skip, options.endpoint, options.model)
     interrupted = False
+    fatal: Optional[Result] = None
     try:
-        process(client, items, writer, options.max_workers)
+        fatal = process(client, items, writer, options.max_workers)
     except KeyboardInterrupt:
         interrupted = True
     finally:
@@ -487,6 +633,15 @@ def run(options: Options) -> int:
     if not interrupted and (output.untidy or (options.ordered and resumed and writer.written)):
         output.compact()
     _summary(options, writer, client, earlier, time.monotonic() - started, interrupted)
+    if fatal is not None and fatal.error is not None:
+        print(
+            f"throttled-openai run: stopped at line {fatal.line}: {fatal.error['message']}\n"
+            f"  every further request would fail the same way ({fatal.error['type']}), so the remaining lines"
+            " were not sent.\n  Fix it, then rerun with --retry-failed: the lines that got this error are"
+            " retried and the rest is done.",
+            file=sys.stderr,
+        )
+        return 1
     if interrupted:
         return 130
     return 1 if any(error is not None for error in state.values()) else 0

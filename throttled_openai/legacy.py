@@ -11,17 +11,24 @@ raises ``APIRemovedInV1`` under openai>=1. This module offers the same names:
   environment's ``OPENAI_API_KEY``, ``OPENAI_API_BASE`` (or ``OPENAI_BASE_URL``), ``OPENAI_ORGANIZATION``.
 - results are :class:`OpenAIObject`: a dict with attribute access, like v0's (``resp["choices"][0]``
   and ``resp.choices[0]``; ``to_dict()``; ``json.dumps(resp)``).
-- ``error.RateLimitError``, ``error.InvalidRequestError``, ... raised ``from`` the v1 exception.
+- ``error.RateLimitError``, ``error.InvalidRequestError``, ... raised ``from`` the v1 exception, with
+  v0's ``http_status``, ``code``, ``request_id``, ``organization``, ... attributes.
+- ``request_timeout`` given: a timeout or connection error is raised at once, as v0 did, not retried
+  (v0 code wraps its own retries around ``create``); rate limits and 5xx are still retried.
 
-Every call goes through one shared :class:`ThrottledClient`, created at the first call with the
-module's ``rpm`` / ``tpm`` (``None``: learned from the response headers), or the one given to
-:func:`set_client`. A call with another key, base URL or organization uses a copy of it, which shares
-its limiter. Not supported: ``stream=True``, ``acreate``, other v0 resources (``Image``, ``File``, ...).
+Every call goes through one shared :class:`ThrottledClient`, created at the first call from the
+module settings and environment only, with the module's ``rpm`` / ``tpm`` (``None``: learned from the
+response headers), or the one given to :func:`set_client` (whose own key, base URL and organization
+then stand for unset settings). A call whose key, base URL or organization differ uses a copy of it,
+which shares its limiter: per-call values apply to that call only. Not supported: ``stream=True``,
+``acreate``, other v0 resources (``Image``, ``File``, ...).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import random
 import sys
 import threading
 import types
@@ -31,6 +38,7 @@ import openai as _v1
 
 from .client import ThrottledClient
 from .errors import RateLimitTimeout, RequestTooLarge
+from .retry import Decision, Retry
 
 __all__ = [
     "ChatCompletion",
@@ -53,6 +61,8 @@ tpm: Optional[float] = None
 
 # v0 keywords about the transport that have no meaning here: accepted and dropped.
 _IGNORED = ("api_type", "api_version", "request_id", "timeout", "user_agent")
+# The SDK's base URL when none is set anywhere.
+_DEFAULT_BASE = "https://api.openai.com/v1"
 
 
 # -- results ------------------------------------------------------------------------------------
@@ -112,7 +122,8 @@ def _plain(value: Any) -> Any:
 
 class OpenAIError(Exception):
     """Base of the v0 errors. ``http_status``, ``json_body`` (the parsed error body), ``headers``,
-    ``code`` and ``error`` (the body's ``error`` object) as v0 had them, when the server answered."""
+    ``code``, ``error`` (the body's ``error`` object), ``request_id`` and ``organization`` (from the
+    response headers) as v0 had them, when the server answered."""
 
     def __init__(
         self,
@@ -130,6 +141,9 @@ class OpenAIError(Exception):
         self.json_body = json_body
         self.headers = dict(headers or {})
         self.code = code
+        lowered = {str(name).lower(): value for name, value in self.headers.items()}
+        self.request_id: Optional[str] = lowered.get("request-id") or lowered.get("x-request-id")
+        self.organization: Optional[str] = lowered.get("openai-organization")
         self.error = convert(json_body.get("error", json_body)) if isinstance(json_body, dict) else None
 
     @property
@@ -145,7 +159,7 @@ class APIError(OpenAIError):
 
 
 class TryAgain(OpenAIError):
-    pass
+    """409: the server asks to try again (after this client's own retries)."""
 
 
 class Timeout(OpenAIError):
@@ -157,7 +171,7 @@ class APIConnectionError(OpenAIError):
 
 
 class InvalidRequestError(OpenAIError):
-    """400, 404, 409, 422: the request is wrong and retrying it cannot help. ``param`` names the field."""
+    """400, 404, 415, 422: the request is wrong and retrying it cannot help. ``param`` names the field."""
 
     def __init__(self, message: Optional[str] = None, param: Optional[str] = None, *args: Any, **kwargs: Any) -> None:
         super().__init__(message, *args, **kwargs)
@@ -198,7 +212,13 @@ for _cls in (
     setattr(error, _cls.__name__, _cls)
 sys.modules[error.__name__] = error
 
-_BY_STATUS = {401: AuthenticationError, 403: PermissionError, 429: RateLimitError, 503: ServiceUnavailableError}
+_BY_STATUS = {
+    401: AuthenticationError,
+    403: PermissionError,
+    409: TryAgain,
+    429: RateLimitError,
+    503: ServiceUnavailableError,
+}
 
 
 def translate(exc: BaseException) -> OpenAIError:
@@ -211,7 +231,7 @@ def translate(exc: BaseException) -> OpenAIError:
         message = body.get("message") if body is not None and isinstance(body.get("message"), str) else exc.message
         if status in _BY_STATUS:
             cls = _BY_STATUS[status]
-        elif status in (400, 404, 409, 415, 422):
+        elif status in (400, 404, 415, 422):
             param = getattr(exc, "param", None)
             return InvalidRequestError(message, param, exc.response.text, status, json_body, exc.response.headers, code)
         else:
@@ -235,7 +255,18 @@ def translate(exc: BaseException) -> OpenAIError:
 _lock = threading.Lock()
 _shared: Optional[ThrottledClient] = None
 _built_for: Optional[Tuple[Optional[float], Optional[float]]] = None  # (rpm, tpm); None: set_client's
-_copies: Dict[Tuple[Optional[str], Optional[str], Optional[str]], ThrottledClient] = {}
+_copies: Dict[Tuple[str, str, Optional[str], bool], ThrottledClient] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class _NoTransportRetry(Retry):
+    """The client's policy, except that timeouts and connection errors are raised at once (v0 with a
+    ``request_timeout``)."""
+
+    def decide(self, error: BaseException, retry_number: int, rng: Optional[random.Random] = None) -> Decision:
+        if isinstance(error, _v1.APIConnectionError):  # APITimeoutError included
+            return Decision(False, 0.0, False, self.classify(error)[0])
+        return super().decide(error, retry_number, rng)
 
 
 def set_client(client: Optional[ThrottledClient]) -> None:
@@ -251,29 +282,59 @@ def get_client() -> Optional[ThrottledClient]:
     return _shared
 
 
-def _client_for(key: Optional[str], base: Optional[str], org: Optional[str]) -> ThrottledClient:
-    """The shared client, or a copy of it for another key / base URL / organization. Created once,
-    under a lock, at the first call; recreated when ``rpm``/``tpm`` change (unless set_client's)."""
+def _settings() -> Tuple[Optional[str], Optional[str], Optional[str]]:
+    """Key, base URL and organization from the module settings, else the environment."""
+    return (
+        api_key or os.environ.get("OPENAI_API_KEY") or None,
+        api_base or os.environ.get("OPENAI_API_BASE") or os.environ.get("OPENAI_BASE_URL") or None,
+        organization or os.environ.get("OPENAI_ORGANIZATION") or None,
+    )
+
+
+def _client_for(params: Dict[str, Any], strict_timeout: bool) -> ThrottledClient:
+    """The client for one call: the shared one, or a copy of it for the key / base URL / organization
+    the call wants (its own values, else the module's or the environment's, else the shared client's
+    own when :func:`set_client` gave it). The shared client is created once, under a lock, at the first
+    call, from the module settings and environment only; recreated when ``rpm``/``tpm`` change."""
     global _shared, _built_for
+    setting_key, setting_base, setting_org = _settings()
+    key = params.pop("api_key", None) or setting_key
+    base = params.pop("api_base", None) or setting_base
+    org = params.pop("organization", None) or setting_org
     with _lock:
         client = _shared
         if client is None or (_built_for is not None and _built_for != (rpm, tpm)):
-            client = ThrottledClient(api_key=key, base_url=base, organization=org, rpm=rpm, tpm=tpm)
+            if setting_key is None and key is None:
+                raise AuthenticationError(
+                    "No API key provided. Set openai.api_key = <API-KEY>, or the OPENAI_API_KEY environment variable."
+                )
+            # Any key builds it: what each call uses is decided below, from the call's own values.
+            client = ThrottledClient(
+                api_key=setting_key or key, base_url=setting_base, organization=setting_org, rpm=rpm, tpm=tpm
+            )
             _shared, _built_for = client, (rpm, tpm)
             _copies.clear()
-        wanted: Dict[str, Any] = {"api_key": key, "base_url": base, "organization": org}
-        if all(value is None or _same(getattr(client, name), value) for name, value in wanted.items()):
-            return client
-        copy = _copies.get((key, base, org))
-        if copy is None:
-            copy = _copies[(key, base, org)] = client.with_options(
-                **{name: value for name, value in wanted.items() if value is not None}
+        if _built_for is None:  # set_client's: its own settings stand for the unset ones
+            key = key or client.api_key
+            base = base or str(client.base_url)
+            org = org or client.organization
+        if not key:
+            raise AuthenticationError(
+                "No API key provided. Set openai.api_key = <API-KEY>, or the OPENAI_API_KEY environment variable."
             )
+        wanted = (key, (base or _DEFAULT_BASE).rstrip("/"), org, strict_timeout)
+        have = (client.api_key, str(client.base_url).rstrip("/"), client.organization, False)
+        if wanted == have:
+            return client
+        copy = _copies.get(wanted)
+        if copy is None:
+            retry = client.retry
+            if strict_timeout:
+                retry = _NoTransportRetry(**{f.name: getattr(retry, f.name) for f in dataclasses.fields(Retry)})
+            copy = client.with_options(api_key=key, base_url=wanted[1], organization=org, retry=retry)
+            copy.organization = org  # the SDK's copy keeps the original's when given None
+            _copies[wanted] = copy
         return copy
-
-
-def _same(current: Any, wanted: str) -> bool:
-    return str(current).rstrip("/") == wanted.rstrip("/")
 
 
 def _timeout(value: Any) -> Any:
@@ -286,11 +347,7 @@ def _timeout(value: Any) -> Any:
 def request(path: str, params: Dict[str, Any]) -> OpenAIObject:
     """Send one v0-style call to ``path`` (``/completions``, ...) and return the v0-style result."""
     body = dict(params)
-    key = body.pop("api_key", None) or api_key or os.environ.get("OPENAI_API_KEY")
-    base = (
-        body.pop("api_base", None) or api_base or os.environ.get("OPENAI_API_BASE") or os.environ.get("OPENAI_BASE_URL")
-    )
-    org = body.pop("organization", None) or organization or os.environ.get("OPENAI_ORGANIZATION")
+    settings = {name: body.pop(name, None) for name in ("api_key", "api_base", "organization")}
     timeout = body.pop("request_timeout", None)
     headers = body.pop("headers", None)
     for name in _IGNORED:
@@ -306,8 +363,10 @@ def request(path: str, params: Dict[str, Any]) -> OpenAIObject:
     if headers:
         options["headers"] = dict(headers)
     try:
-        client = _client_for(key, base, org)
+        client = _client_for(settings, strict_timeout=timeout is not None)
         result = client.post(path, body=body, cast_to=_v1.BaseModel, options=options)
+    except OpenAIError:
+        raise
     except Exception as exc:
         raise translate(exc) from exc
     return convert(result.to_dict())  # type: ignore[no-any-return]
