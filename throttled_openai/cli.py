@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import threading
@@ -726,8 +727,8 @@ def options_from(args: argparse.Namespace) -> Options:
         raise UsageError("the output must not be the input file")
     for name in ("rpm", "tpm"):
         value = getattr(args, name)
-        if value is not None and not value > 0:
-            raise UsageError(f"--{name} must be > 0")
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            raise UsageError(f"--{name} must be a finite number > 0")
     if args.max_workers < 1:
         raise UsageError("--max-workers must be >= 1")
     api_key = args.api_key or os.environ.get("OPENAI_API_KEY")

@@ -62,9 +62,10 @@ def _number(value: Optional[str]) -> Optional[float]:
     return number
 
 
-def _positive(value: Optional[str]) -> Optional[float]:
+def _limit(value: Optional[str]) -> Optional[float]:
+    """A per-minute limit: at least 1 and finite, else ``None`` (a limit below one a minute is junk)."""
     number = _number(value)
-    return number if number else None
+    return number if number is not None and number >= 1 else None
 
 
 @dataclass(frozen=True)
@@ -105,8 +106,8 @@ def parse_retry_after(headers: Mapping[str, str]) -> Optional[float]:
 def parse_rate_limit_headers(headers: Mapping[str, str]) -> RateLimitHeaders:
     """Read every ``x-ratelimit-*`` header we understand from a case-insensitive mapping."""
     return RateLimitHeaders(
-        limit_requests=_positive(headers.get("x-ratelimit-limit-requests")),
-        limit_tokens=_positive(headers.get("x-ratelimit-limit-tokens")),
+        limit_requests=_limit(headers.get("x-ratelimit-limit-requests")),
+        limit_tokens=_limit(headers.get("x-ratelimit-limit-tokens")),
         remaining_requests=_number(headers.get("x-ratelimit-remaining-requests")),
         remaining_tokens=_number(headers.get("x-ratelimit-remaining-tokens")),
         reset_requests=parse_duration(headers.get("x-ratelimit-reset-requests")),

@@ -67,7 +67,7 @@ class _Bucket:
     ``capacity``. ``level`` goes negative only after a call larger than the burst or a usage above
     its estimate: debt that the next caller waits out."""
 
-    __slots__ = ("booked", "capacity", "ceiling", "configured", "level", "limit", "rate", "stamp")
+    __slots__ = ("booked", "capacity", "ceiling", "configured", "hold", "level", "limit", "rate", "stamp")
 
     def __init__(self, configured: Optional[float], headroom: float, initial_burst: float, now: float) -> None:
         self.configured = configured
@@ -78,6 +78,9 @@ class _Bucket:
         self.level = 0.0
         self.stamp = now
         self.booked = 0.0  # running total of units taken, to reconcile with the server's `remaining`
+        # The cost of a call bigger than the burst that is waiting at the head: while it waits, the level
+        # may fill up to it, so it goes once its whole cost has refilled (not a burst's worth).
+        self.hold = 0.0
         if configured is not None:
             self.set_limit(configured, headroom)
             self.start(initial_burst)
@@ -95,16 +98,21 @@ class _Bucket:
         burst = self.rate * max(initial_burst - _JITTER_SECONDS, initial_burst / 2)
         self.capacity = self.level = min(self.ceiling, max(burst, 1.0))
 
+    @property
+    def room(self) -> float:
+        """How high the level may fill: the burst, or the cost of the big call waiting for it."""
+        return max(self.capacity, self.hold)
+
     def advance(self, now: float) -> None:
         if now > self.stamp:
-            self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
+            self.level = min(self.room, self.level + (now - self.stamp) * self.rate)
             self.stamp = now
 
     def earliest(self, units: float, now: float) -> float:
         """When ``units`` may be taken (a full bucket, if more than it holds). Call :meth:`advance` first."""
         if not self.active:
             return now
-        missing = min(units, self.capacity) - self.level
+        missing = min(units, self.room) - self.level
         return now if missing <= 0 else now + missing / self.rate
 
     def take(self, units: float) -> None:
@@ -114,7 +122,7 @@ class _Bucket:
 
     def give_back(self, units: float) -> None:
         if self.active:
-            self.level = min(self.capacity, self.level + units)
+            self.level = min(self.room, self.level + units)
 
 
 class _Ticket:
@@ -252,6 +260,10 @@ class RateLimiter:
         set, the wait ends within a quarter of a second with :class:`Cancelled`. A wait that ends in an
         exception (a timeout, a cancel, Ctrl-C) takes nothing.
         """
+        if isinstance(tokens, bool) or not isinstance(tokens, int):
+            raise TypeError(f"tokens must be an int, got {tokens!r}")
+        if tokens < 0:
+            raise ValueError(f"tokens must be >= 0, got {tokens}")
         start = self._clock()
         deadline = math.inf if timeout is None else start + timeout
         ticket: Optional[_Ticket] = None
@@ -306,10 +318,26 @@ class RateLimiter:
         timeout: Optional[float],
         cancel: Optional[threading.Event],
     ) -> Reservation:
+        try:
+            return self._wait_and_take(key, state, tokens, deadline, timeout, cancel)
+        finally:
+            state.tokens.hold = 0.0
+
+    def _wait_and_take(
+        self,
+        key: LimitKey,
+        state: _KeyState,
+        tokens: int,
+        deadline: float,
+        timeout: Optional[float],
+        cancel: Optional[threading.Event],
+    ) -> Reservation:
         while True:
             if cancel is not None and cancel.is_set():
                 raise Cancelled(f"wait for model {key[1]!r} cancelled")
             now = self._clock()
+            # A call bigger than the burst waits for its whole cost, not for a full (smaller) bucket.
+            state.tokens.hold = tokens if tokens > state.tokens.capacity else 0.0
             if not state.learned and state.probe is not None:
                 go_at = deadline  # until the probe's answer arrives; its end wakes us
                 if now >= deadline:
@@ -363,6 +391,8 @@ class RateLimiter:
         ``used_tokens`` ``None`` keeps the estimate (the usage is unknown, e.g. after a timeout); ``0``
         refunds every token (the server refused the request). Calling it twice does nothing.
         """
+        if isinstance(used_tokens, bool) or not isinstance(used_tokens, (int, type(None))) or (used_tokens or 0) < 0:
+            used_tokens = None  # not a count we can use: keep the estimate
         with self._lock:
             if reservation.done:
                 return
@@ -403,6 +433,9 @@ class RateLimiter:
             accepted = 200 <= status < 300
             reservation.refused = not accepted
             elapsed = max(0.0, now - reservation.ready_at)
+            if not accepted:  # the server took none of our tokens (`settle` will not refund them again)
+                state.tokens.advance(now)
+                state.tokens.give_back(reservation.tokens)
             pairs = (
                 (state.requests, headers.limit_requests, headers.remaining_requests, 1.0, reservation.marks[0]),
                 (
@@ -424,12 +457,10 @@ class RateLimiter:
                     continue
                 margin = bucket.rate * _JITTER_SECONDS
                 taken = cost if accepted else 0.0
-                if not accepted:
-                    bucket.give_back(cost)  # the server took none of it (and `settle` will not refund it)
                 grown = max(0.0, min(bucket.ceiling, remaining + taken - margin) - bucket.capacity)
                 bucket.capacity += grown
                 seen = remaining + bucket.rate * elapsed - margin - (bucket.booked - mark)
-                bucket.level = min(bucket.level + grown, bucket.capacity, seen)
+                bucket.level = min(bucket.level + grown, bucket.room, seen)
             # A success ends the probe: with headers the limits are now known, and a server that sends
             # none will not send them later either. An error without limits lets the next caller probe.
             learned = accepted or headers.limit_requests is not None or headers.limit_tokens is not None
