@@ -29,9 +29,9 @@ with ExitStack() as stack:
     if os.environ.get("OPENAI_API_KEY"):
         client = ThrottledClient(rpm=500, tpm=200_000)
     else:
-        server = stack.enter_context(FakeOpenAI(rpm=600, tpm=200_000, bucket_seconds=1.0, latency=0.05))
+        server = stack.enter_context(FakeOpenAI(rpm=3_000, tpm=500_000, bucket_seconds=1.0, latency=0.05))
         server.inject("500", count=3)  # a few server errors: retried, not lost
-        client = ThrottledClient(base_url=server.base_url, api_key="sk-fake", rpm=600, tpm=200_000)
+        client = ThrottledClient(base_url=server.base_url, api_key="sk-fake", rpm=3_000, tpm=500_000)
 
     replies = client.map_chat_completions(
         conversations, model="gpt-4o-mini", max_tokens=3, temperature=0, return_exceptions=True

@@ -20,7 +20,7 @@ with ExitStack() as stack:
     if os.environ.get("OPENAI_API_KEY"):
         client = ThrottledClient(max_wait=30)  # limits learned from the response headers
     else:
-        server = stack.enter_context(FakeOpenAI(rpm=600, tpm=60_000, bucket_seconds=1.0, latency=0.05))
+        server = stack.enter_context(FakeOpenAI(rpm=3_000, tpm=300_000, bucket_seconds=1.0, latency=0.05))
         client = ThrottledClient(base_url=server.base_url, api_key="sk-fake", max_wait=30)
 
     def classify(text: str) -> str:

@@ -305,12 +305,12 @@ def test_a_200_whose_body_is_not_an_object_fails_its_lines(tmp_path: Path) -> No
 
 
 def test_a_batch_refused_as_too_large_is_split(tmp_path: Path) -> None:
-    write_lines(tmp_path / "requests.jsonl", [completion(i, max_tokens=400) for i in range(40)])
-    with FakeOpenAI(rpm=600, tpm=6000) as server:  # 20 such prompts need ~8,100 tokens at once
+    write_lines(tmp_path / "requests.jsonl", [completion(i, max_tokens=600) for i in range(12)])
+    with FakeOpenAI(rpm=600, tpm=6000) as server:  # the 12 prompts together need ~7,300 tokens at once
         assert run(tmp_path, server) == 0
     out = {r["line"]: r for r in records(tmp_path / "results.jsonl")}
-    assert sorted(out) == list(range(1, 41))
-    assert all(out[i + 1]["response"]["choices"][0]["text"] == f" echo:prompt {i}#0" for i in range(40))
+    assert sorted(out) == list(range(1, 13))
+    assert all(out[i + 1]["response"]["choices"][0]["text"] == f" echo:prompt {i}#0" for i in range(12))
 
 
 def test_batch_usage_survives_its_first_line_being_asked_again(tmp_path: Path) -> None:

@@ -101,7 +101,7 @@ def test_unknown_limits_are_probed_before_a_stampede() -> None:
 
 
 def test_a_failed_probe_does_not_release_a_stampede() -> None:
-    with FakeOpenAI(rpm=120, bucket_seconds=1.0, latency=0.05) as server:
+    with FakeOpenAI(rpm=600, bucket_seconds=1.0, latency=0.05) as server:
         client = client_for(server, retry=0)
         server.inject("500")  # the probe's answer carries no limits
 
