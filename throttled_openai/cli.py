@@ -200,7 +200,8 @@ def _post(client: ThrottledClient, path: str, body: Dict[str, Any]) -> Dict[str,
     cancel = getattr(_current, "cancel", None)
     if cancel is not None and cancel.is_set():
         raise Cancelled("the job stopped before this request was sent")
-    return _as_dict(client.post(path, body=body, cast_to=openai.BaseModel))
+    # cast_to=object: the SDK returns the JSON as is, with no model to build (and none to fail).
+    return _as_dict(client.post(path, body=body, cast_to=object))
 
 
 def send_one(client: ThrottledClient, task: Task) -> List[Result]:

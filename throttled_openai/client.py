@@ -398,8 +398,9 @@ class _ThrottledMixin:
 
 
 def _usage_of(result: Any) -> Optional[int]:
-    """Tokens used according to a call's result: a parsed model, or a raw response already read."""
-    usage = getattr(result, "usage", None)
+    """Tokens used according to a call's result: a parsed model, a dict (``cast_to=object``), or a raw
+    response already read."""
+    usage = result.get("usage") if isinstance(result, Mapping) else getattr(result, "usage", None)
     if usage is not None:
         return usage_tokens(usage)
     http_response = getattr(result, "http_response", None)  # with_raw_response

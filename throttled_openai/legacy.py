@@ -364,12 +364,15 @@ def request(path: str, params: Dict[str, Any]) -> OpenAIObject:
         options["headers"] = dict(headers)
     try:
         client = _client_for(settings, strict_timeout=timeout is not None)
-        result = client.post(path, body=body, cast_to=_v1.BaseModel, options=options)
+        # cast_to=object: the JSON as is; no pydantic model is built on the way.
+        result = client.post(path, body=body, cast_to=object, options=options)
     except OpenAIError:
         raise
     except Exception as exc:
         raise translate(exc) from exc
-    return convert(result.to_dict())  # type: ignore[no-any-return]
+    if not isinstance(result, dict):
+        raise APIError(f"the response is not a JSON object: {str(result)[:200]!r}")
+    return convert(result)  # type: ignore[no-any-return]
 
 
 class _Resource:
