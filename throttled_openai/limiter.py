@@ -288,7 +288,10 @@ class RateLimiter:
                     if self._clock() >= deadline:
                         raise RateLimitTimeout(key[1], retry_after=timeout or 0.0, max_wait=timeout or 0.0)
             with self._lock:
-                return self._take_as_head(key, state, tokens, deadline, timeout, cancel)
+                try:
+                    return self._wait_and_take(key, state, tokens, deadline, timeout, cancel)
+                finally:
+                    state.tokens.hold = 0.0
         finally:
             # However this ends (taken, timed out, interrupted): leave the line, or pass the head role on.
             with self._lock:
@@ -308,20 +311,6 @@ class RateLimiter:
         bucket.advance(now)
         ahead = len(state.line) + 1  # the line plus the head
         return max(now + max(0.0, ahead + 1 - bucket.level) / bucket.rate, state.paused_until)
-
-    def _take_as_head(
-        self,
-        key: LimitKey,
-        state: _KeyState,
-        tokens: int,
-        deadline: float,
-        timeout: Optional[float],
-        cancel: Optional[threading.Event],
-    ) -> Reservation:
-        try:
-            return self._wait_and_take(key, state, tokens, deadline, timeout, cancel)
-        finally:
-            state.tokens.hold = 0.0
 
     def _wait_and_take(
         self,
