@@ -262,6 +262,19 @@ def test_streaming_calls_are_throttled(server: FakeOpenAI) -> None:
     assert client.limiter.snapshot()["gpt-4o-mini"]["tokens_level"] is not None
 
 
+def test_a_stream_is_settled_against_its_usage_when_it_ends(server: FakeOpenAI) -> None:
+    client = client_for(server, rpm=6000, tpm=100_000)
+    stream = client.chat.completions.create(**CHAT, stream=True, stream_options={"include_usage": True})
+    usage = [chunk.usage for chunk in stream if chunk.usage is not None]
+    assert len(usage) == 1 and client.stats().tokens_used == usage[0].total_tokens > 0
+    # Without usage in the stream the estimate stays charged: nothing is refunded, nothing lost.
+    level = client.limiter.snapshot()["gpt-4o-mini"]["tokens_level"]
+    for _ in client.chat.completions.create(**CHAT, stream=True):
+        pass
+    assert client.stats().tokens_used == usage[0].total_tokens
+    assert client.limiter.snapshot()["gpt-4o-mini"]["tokens_level"] <= level
+
+
 def test_user_supplied_http_client_gets_the_hook(server: FakeOpenAI) -> None:
     client = client_for(server, http_client=openai.DefaultHttpxClient())
     client.chat.completions.create(**CHAT)

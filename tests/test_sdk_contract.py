@@ -5,6 +5,7 @@ throttling would silently stop working: fix client.py before anything else.
 - ``options.json_data`` / ``options.url``: the request body (a dict) and path, read to price the call.
 - ``copy(..., _extra_kwargs=...)``: how copies receive the shared limiter, policy and counters.
 - ``http_client.event_hooks["response"]``: public httpx/httpx2 API, where the headers are read.
+- ``response.stream``: public httpx/httpx2 API (the body stream), wrapped to read a stream's usage.
 """
 
 from __future__ import annotations
@@ -56,3 +57,9 @@ def test_the_override_and_the_hook_are_both_reached() -> None:
         assert (state["requests_limit"], state["tokens_limit"]) == (1234, 56789), "the response hook never ran"
         copied = client.with_options(timeout=3)
         assert copied.limiter is client.limiter, "copy() did not pass the limiter on"
+        stream = client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=3, stream=True,
+            stream_options={"include_usage": True},
+        )  # fmt: skip
+        used = [chunk.usage.total_tokens for chunk in stream if chunk.usage is not None]
+        assert client.stats().tokens_used == 2 * used[0] if used else False, "the stream's body was not scanned"

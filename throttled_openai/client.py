@@ -19,9 +19,10 @@ import hashlib
 import json
 import logging
 import math
+import sys
 import threading
 import time
-from typing import Any, Iterable, Iterator, List, Mapping, Optional, Tuple, TypeVar, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, TypeVar, Union
 
 import openai
 
@@ -46,21 +47,89 @@ _UNSET: Any = object()
 class _Attempt:
     """The attempt in flight on this thread, for the response hook to report headers to."""
 
-    __slots__ = ("limiter", "reservation")
+    __slots__ = ("limiter", "reservation", "stats", "stream")
 
-    def __init__(self, limiter: RateLimiter, reservation: Reservation) -> None:
+    def __init__(self, limiter: RateLimiter, reservation: Reservation, stream: bool, stats: Stats) -> None:
         self.limiter = limiter
         self.reservation = reservation
+        self.stream = stream
+        self.stats = stats
+
+    def settle(self, used: Optional[int]) -> None:
+        self.limiter.settle(self.reservation, used)
+        if used is not None:
+            self.stats.used(used)
 
 
 _current = threading.local()
 
 
 def _on_response(response: Any) -> None:
-    """httpx response hook: feed this thread's attempt the rate-limit headers, before the body is read."""
+    """httpx response hook: feed this thread's attempt the rate-limit headers, before the body is read.
+    A successful stream is settled when it ends, against the ``usage`` its last events may carry."""
     attempt: Optional[_Attempt] = getattr(_current, "attempt", None)
-    if attempt is not None:
-        attempt.limiter.observe(attempt.reservation, parse_rate_limit_headers(response.headers), response.status_code)
+    if attempt is None:
+        return
+    attempt.limiter.observe(attempt.reservation, parse_rate_limit_headers(response.headers), response.status_code)
+    if attempt.stream and 200 <= response.status_code < 300:
+        response.stream = _scanner_for(response)(response.stream, attempt.settle)
+
+
+_SCANNERS: Dict[type, type] = {}
+
+
+def _scanner_for(response: Any) -> Any:
+    """:class:`_UsageScanner` as a subclass of the ``SyncByteStream`` of the response's HTTP library
+    (httpx or httpx2): httpx refuses to iterate a stream that is not one."""
+    library = sys.modules[type(response).__module__.split(".")[0]]
+    base: type = library.SyncByteStream
+    scanner = _SCANNERS.get(base)
+    if scanner is None:
+        scanner = _SCANNERS[base] = type("_UsageScanner", (_UsageScanner, base), {})
+    return scanner
+
+
+class _UsageScanner:
+    """Wraps a streamed response body (httpx's ``Response.stream``) and, when it ends or is closed,
+    reports the token ``usage`` found in its last server-sent events (``None`` when there is none, e.g.
+    without ``stream_options={"include_usage": True}``: then the estimate stays charged)."""
+
+    _TAIL = 16_384  # bytes kept from the end of the stream: usage comes in the last events
+
+    def __init__(self, inner: Any, report: Callable[[Optional[int]], None]) -> None:
+        self._inner = inner
+        self._report = report
+        self._tail = b""
+        self._reported = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            for chunk in self._inner:
+                self._tail = (self._tail + chunk)[-self._TAIL :]
+                yield chunk
+        finally:
+            self._finish()
+
+    def close(self) -> None:
+        try:
+            self._inner.close()
+        finally:
+            self._finish()
+
+    def _finish(self) -> None:
+        if self._reported:
+            return
+        self._reported = True
+        used = None
+        for line in reversed(self._tail.split(b"\n")):
+            if line.startswith(b"data:") and b'"usage"' in line:
+                try:
+                    used = usage_tokens(json.loads(line[5:]).get("usage"))
+                except (ValueError, AttributeError):
+                    used = None
+                if used is not None:
+                    break
+        self._report(used)
 
 
 def _account_hash(api_key: object, base_url: object) -> str:
@@ -349,7 +418,8 @@ class _ThrottledMixin:
                 stats.attempt(cost, waited)
                 _current.waited = getattr(_current, "waited", 0.0) + waited
                 # 2. Send through the SDK; the response hook reports the headers to the limiter.
-                _current.attempt = _Attempt(limiter, reservation)
+                streaming = bool(kwargs.get("stream"))
+                _current.attempt = _Attempt(limiter, reservation, streaming, stats)
                 result = super().request(cast_to, options, *args, **kwargs)  # type: ignore[misc]
             except (openai.APIStatusError, openai.APIConnectionError) as error:
                 # 3a. Failed: charge what the server likely counted, then ask the policy.
@@ -389,11 +459,12 @@ class _ThrottledMixin:
                 raise
             finally:
                 _current.attempt = None
-            # 3b. Done: charge the real usage instead of the estimate.
-            used = None if kwargs.get("stream") else _usage_of(result)
-            limiter.settle(reservation, used)
-            if used is not None:
-                stats.used(used)
+            # 3b. Done: charge the real usage instead of the estimate (a stream, when it ends).
+            if not streaming:
+                used = _usage_of(result)
+                limiter.settle(reservation, used)
+                if used is not None:
+                    stats.used(used)
             return result
 
 
