@@ -7,10 +7,11 @@ token usage. See README.md for the tour.
 
 from .batching import IncompleteResponse
 from .client import ThrottledAzureClient, ThrottledClient
-from .errors import Cancelled, RateLimitTimeout, RequestTooLarge, ThrottledOpenAIError
+from .errors import Cancelled, LimiterUnavailable, RateLimitTimeout, RequestTooLarge, ThrottledOpenAIError
 from .headers import RateLimitHeaders, parse_rate_limit_headers
 from .limiter import Limits, RateLimiter, Reservation
 from .mapping import BulkError, BulkInterrupted, BulkTimeout, Progress
+from .redis_limiter import RedisRateLimiter
 from .retry import Retry
 from .stats import StatsSnapshot
 from .tokens import TokenCounter, estimate_cost
@@ -23,11 +24,13 @@ __all__ = [
     "BulkTimeout",
     "Cancelled",
     "IncompleteResponse",
+    "LimiterUnavailable",
     "Limits",
     "Progress",
     "RateLimitHeaders",
     "RateLimitTimeout",
     "RateLimiter",
+    "RedisRateLimiter",
     "RequestTooLarge",
     "Reservation",
     "Retry",

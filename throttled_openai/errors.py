@@ -11,7 +11,7 @@ from typing import Optional
 
 import openai
 
-__all__ = ["Cancelled", "RateLimitTimeout", "RequestTooLarge", "ThrottledOpenAIError"]
+__all__ = ["Cancelled", "LimiterUnavailable", "RateLimitTimeout", "RequestTooLarge", "ThrottledOpenAIError"]
 
 
 class ThrottledOpenAIError(openai.OpenAIError):
@@ -54,3 +54,15 @@ class RequestTooLarge(ThrottledOpenAIError, ValueError):
 
 class Cancelled(ThrottledOpenAIError):
     """The call was given up before it was sent, because the bulk call it belonged to stopped."""
+
+
+class LimiterUnavailable(ThrottledOpenAIError):
+    """The shared limiter's store (Redis) did not answer, and the limiter was told to raise
+    (``on_error="raise"``) rather than fall back to limiting in this process alone.
+
+    Nothing was sent. A web view can answer 503 with ``retry_after`` seconds.
+    """
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        self.retry_after = retry_after
+        super().__init__(message)

