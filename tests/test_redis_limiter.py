@@ -439,3 +439,27 @@ def test_bulk_helpers_plan_with_the_shared_budget(default_url: str) -> None:
     for i in range(2):
         assert [choice.text.strip() for choice in outputs[i]] == [f"echo:prompt {n}#0" for n in range(200)]
     assert stats["rate_limited"] <= 2  # at most each client's probe, before the limits were known
+
+
+def test_limits_learned_through_redis_still_hold_when_it_fails(server: RedisServer, url: str) -> None:
+    limiter = make(url, on_error="local", retry_interval=60)
+    reservation = limiter.acquire(KEY, 0)  # the probe: no limit known yet
+    limiter.observe(reservation, RateLimitHeaders(limit_requests=60, remaining_requests=59))
+    limiter.settle(reservation, 0)
+    server.kill()
+    limiter.acquire(KEY, 0)  # local now: the local bucket's burst of one request
+    with pytest.raises(RateLimitTimeout):
+        limiter.acquire(KEY, 0, timeout=0)  # not unlimited: the limit learned through Redis holds
+
+
+def test_a_redis_restarted_empty_still_limits_by_the_limits_learned(server: RedisServer, url: str) -> None:
+    limiter, other = make(url), make(url)
+    for each in (limiter, other):
+        reservation = each.acquire(KEY, 0)
+        each.observe(reservation, RateLimitHeaders(limit_requests=60, remaining_requests=59))
+        each.settle(reservation, 0)
+    server.kill()
+    server.start()  # empty: no buckets, no limits
+    limiter.acquire(KEY, 0)
+    with pytest.raises(RateLimitTimeout):
+        other.acquire(KEY, 0, timeout=0)

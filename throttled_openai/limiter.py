@@ -94,6 +94,14 @@ class _Bucket:
         self.rate = limit / 60.0 * (1.0 - headroom)
         self.ceiling = min(self.ceiling, limit)
 
+    def learn(self, limit: float, headroom: float, initial_burst: float) -> None:
+        """Take the server's ``limit`` (the configured one still wins if lower); start if it was off."""
+        if limit != self.limit:
+            was_active = self.active
+            self.set_limit(min(limit, self.configured or math.inf), headroom)
+            if not was_active:
+                self.start(initial_burst)
+
     def start(self, initial_burst: float) -> None:
         burst = self.rate * max(initial_burst - _JITTER_SECONDS, initial_burst / 2)
         self.capacity = self.level = min(self.ceiling, max(burst, 1.0))
@@ -437,11 +445,8 @@ class RateLimiter:
             )
             for bucket, limit, remaining, cost, mark in pairs:
                 bucket.advance(now)
-                if limit is not None and limit != bucket.limit:
-                    was_active = bucket.active
-                    bucket.set_limit(min(limit, bucket.configured or math.inf), self._headroom)
-                    if not was_active:
-                        bucket.start(self._initial_burst)
+                if limit is not None:
+                    bucket.learn(limit, self._headroom, self._initial_burst)
                 if remaining is None or not bucket.active:
                     continue
                 margin = bucket.rate * _JITTER_SECONDS

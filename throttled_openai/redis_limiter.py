@@ -333,13 +333,20 @@ class RedisRateLimiter(RateLimiter):
 
     # -- talking to Redis ------------------------------------------------------------------------
 
-    def _config(self, model: str) -> List[Any]:
-        limits = self.limits_for(model)
-        return [limits.rpm or 0, limits.tpm or 0, self._headroom, self._initial_burst, _JITTER_SECONDS, _TTL_MS]
+    def _config(self, key: LimitKey) -> List[Any]:
+        # The limits this process knows: configured, or learned from headers. Sent with every call, so
+        # that a Redis restarted empty, or a key expired, limits from the first call on.
+        state = self._keys.get(key)
+        if state is None:
+            limits = self.limits_for(key[1])
+            rpm, tpm = limits.rpm, limits.tpm
+        else:
+            rpm, tpm = state.requests.limit, state.tokens.limit
+        return [rpm or 0, tpm or 0, self._headroom, self._initial_burst, _JITTER_SECONDS, _TTL_MS]
 
     def _run(self, script: str, key: LimitKey, *args: Any) -> List[str]:
         """Run one script on ``key``; raises one of ``self._errors`` when Redis fails."""
-        reply = self._scripts[script](keys=[self.redis_key(key)], args=[*self._config(key[1]), *args])
+        reply = self._scripts[script](keys=[self.redis_key(key)], args=[*self._config(key), *args])
         self._answered()
         return [_text(part) for part in reply] if isinstance(reply, list) else [_text(reply)]
 
@@ -494,6 +501,10 @@ class RedisRateLimiter(RateLimiter):
         )
         learned = accepted or headers.limit_requests is not None or headers.limit_tokens is not None
         with self._lock:
+            # The local buckets learn the limits too, to limit by them at once if Redis fails later.
+            for bucket, limit in ((state.requests, headers.limit_requests), (state.tokens, headers.limit_tokens)):
+                if limit is not None:
+                    bucket.learn(limit, self._headroom, self._initial_burst)
             self._end_probe(state, reservation, learned=learned)
             state.wakeup.notify()
 
