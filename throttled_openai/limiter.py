@@ -281,7 +281,7 @@ class RateLimiter:
             if limit is not None and tokens > limit:
                 raise RequestTooLarge(key[1], tokens, limit)
             if state.head or state.line:
-                soonest = self._projected_turn(state, start)
+                soonest = self._projected_turn(key, state, start)
                 if soonest > deadline:
                     raise RateLimitTimeout(key[1], retry_after=soonest - start, max_wait=timeout or 0.0)
                 ticket = _Ticket()
@@ -310,7 +310,7 @@ class RateLimiter:
                 else:
                     state.head = False
 
-    def _projected_turn(self, state: _KeyState, now: float) -> float:
+    def _projected_turn(self, key: LimitKey, state: _KeyState, now: float) -> float:
         """When a caller joining the line now could go, if every caller ahead takes one request: a
         projection (callers ahead may give up), used to refuse at once a wait that ``timeout`` forbids."""
         bucket = state.requests

@@ -11,15 +11,18 @@ by other processes cannot wake that head, so it asks again at least every ``poll
 
 When Redis does not answer within ``timeout``, ``on_error`` decides: ``"raise"`` fails the call with
 :class:`LimiterUnavailable` before anything is sent; ``"local"`` limits in this process alone (with a
-warning) and tries Redis again every ``retry_interval`` seconds. Bookkeeping after a request was sent
-(settle, headers, pause) never fails that request: while Redis is down it is skipped, which can only
-leave the shared budget more charged than it should be, never less.
+warning). Either way Redis is left alone for ``retry_interval`` seconds, then asked again. Bookkeeping
+after a request was sent (settle, headers, pause) never fails that request: while Redis is down it is
+skipped, and the shared budget goes without that correction (the server's headers show the truth again
+with the next response).
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
+import random
 import threading
 import time
 from contextlib import contextmanager
@@ -48,8 +51,10 @@ _TTL_MS = 600_000
 
 # Shared by every script. KEYS[1]: the hash of one (account, model). ARGV[1..6]: this process's
 # configured rpm and tpm (0: none), headroom, initial burst and jitter (seconds), TTL (ms).
-# Fields: <b>server (the server's limit), <b>cap, <b>ceil, <b>level, <b>stamp, <b>booked, thold,
-# thold_until, paused_until, shrunk_at, answered; <b> is "r" (requests) or "t" (tokens).
+# Fields: <b>server (the server's limit), <b>cap, <b>ceil, <b>level, <b>stamp, <b>booked (<b> is "r" for
+# requests or "t" for tokens), paused_until, shrunk_at, answered, and for each caller waiting in line
+# (one per process at most: the head of its own line) wa:<id> (when it joined), wt:<id> (its tokens)
+# and wl:<id> (when it leaves the line unless it asks again first: a process that died leaves it).
 # Numbers go in and out as strings: Lua would truncate a reply number to an integer.
 _PRELUDE = """
 if redis.replicate_commands then redis.replicate_commands() end  -- Redis 6: TIME before writes
@@ -62,6 +67,22 @@ local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
 local h = {}
 local raw = redis.call('HGETALL', key)
 for i = 1, #raw, 2 do h[raw[i]] = tonumber(raw[i + 1]) end
+local drop = {}  -- fields to delete when saving
+
+-- The callers waiting in line across processes, and the biggest cost among them.
+local line, biggest = {}, 0
+for field, _ in pairs(h) do
+  local id = string.match(field, '^wa:(.+)$')
+  if id then
+    local w = {id = id, at = h['wa:' .. id], tokens = h['wt:' .. id] or 0, lease = h['wl:' .. id] or 0}
+    if w.lease > now then
+      line[id] = w
+      biggest = math.max(biggest, w.tokens)
+    else
+      for _, f in ipairs({'wa:', 'wt:', 'wl:'}) do drop[#drop + 1] = f .. id end
+    end
+  end
+end
 
 local function fmt(x) return string.format('%.17g', x) end
 
@@ -80,7 +101,8 @@ local function bucket(b)
     B.level, B.stamp = h[b .. 'level'], h[b .. 'stamp']
   end
   B.booked = h[b .. 'booked'] or 0
-  if b == 't' and (h['thold_until'] or 0) > now then B.hold = h['thold'] or 0 end
+  -- While a call bigger than the burst waits in line, the level may fill up to its cost.
+  if b == 't' then B.hold = biggest end
   return B
 end
 
@@ -90,6 +112,8 @@ local function advance(B)
   if B and now > B.stamp then
     B.level = math.min(room(B), B.level + (now - B.stamp) * B.rate)
     B.stamp = now
+  elseif B and now < B.stamp then
+    B.stamp = now  -- Redis's clock stepped back (NTP, a failover): refill from here, don't stall
   end
 end
 
@@ -100,10 +124,13 @@ local function take(B, units)
   B.booked = B.booked + units
 end
 
--- When `units` may be taken (a full bucket, if more than it holds).
-local function earliest(B, units)
+-- When `units` may be taken (a full bucket, if more than it holds) leaving `keep` units in it. If both
+-- don't fit in the bucket, an estimate: that is after those ahead went, which frees the `keep`.
+local function earliest(B, units, keep)
   if not B then return now end
-  local missing = math.min(units, room(B)) - B.level
+  local want = units + keep
+  if keep == 0 then want = math.min(units, room(B)) end
+  local missing = want - B.level
   if missing <= 0 then return now end
   return now + missing / B.rate
 end
@@ -121,37 +148,51 @@ local function save(R, T, extra)
     args[#args + 1] = fmt(value)
   end
   if #args > 0 then redis.call('HSET', key, unpack(args)) end
+  if #drop > 0 then redis.call('HDEL', key, unpack(drop)) end
   redis.call('PEXPIRE', key, ttl)
 end
 
 local function known(R, T) if R or T then return '1' end return '0' end
 """
 
-# ARGV[7]: tokens. Takes one request and the tokens if both budgets hold them and no pause runs.
-# Reply: {'ok', now, requests booked, tokens booked, known} | {'wait', seconds, known} | {'too_large', tpm}
+# ARGV[7]: tokens; [8]: the caller's id; [9]: the longest it will wait; [10]: how long its place in
+# line lasts unless it asks again. Takes one request and the tokens if both budgets hold them, no pause
+# runs, and they leave what the callers ahead in line need. A caller that will wait takes its place in
+# line: across processes, callers are then served first come, first served, and a big call is not
+# starved by a stream of small ones.
+# Reply: {'ok', now, requests booked, tokens booked, known} | {'wait', seconds, rate, known}
+#      | {'too_large', tpm}
 _ACQUIRE = """
-local tokens = tonumber(ARGV[7])
+local tokens, me, patience, lease = tonumber(ARGV[7]), ARGV[8], tonumber(ARGV[9]), tonumber(ARGV[10])
 local R, T = bucket('r'), bucket('t')
 if T and tokens > T.limit then return {'too_large', fmt(T.limit)} end
-local extra = {}
-if T and tokens > T.cap then  -- a call bigger than the burst waits for its whole cost to refill
-  T.hold = tokens
-  extra.thold, extra.thold_until = tokens, now + 1
+local mine = line[me]
+local keep_r, keep_t = 0, 0
+for id, w in pairs(line) do
+  if id ~= me and (mine == nil or w.at < mine.at or (w.at == mine.at and id < me)) then
+    keep_r, keep_t = keep_r + 1, keep_t + w.tokens
+  end
 end
 advance(R)
 advance(T)
-local go = math.max(earliest(R, 1), earliest(T, tokens), h['paused_until'] or 0)
-if go > now then
+local go = math.max(earliest(R, 1, keep_r), earliest(T, tokens, keep_t), h['paused_until'] or 0)
+local extra = {}
+if go <= now then
+  if R then take(R, 1) end
+  if T then take(T, tokens) end
+  if mine then for _, f in ipairs({'wa:', 'wt:', 'wl:'}) do drop[#drop + 1] = f .. me end end
   save(R, T, extra)
-  return {'wait', fmt(go - now), known(R, T)}
+  return {'ok', fmt(now), fmt(R and R.booked or 0), fmt(T and T.booked or 0), known(R, T)}
 end
-if R then take(R, 1) end
-if T then
-  take(T, tokens)
-  if (h['thold'] or 0) <= tokens then extra.thold = 0 end
+if go - now <= patience then
+  extra['wa:' .. me] = mine and mine.at or now
+  extra['wt:' .. me] = tokens
+  extra['wl:' .. me] = now + lease
+elseif mine then  -- it gives up: out of the line
+  for _, f in ipairs({'wa:', 'wt:', 'wl:'}) do drop[#drop + 1] = f .. me end
 end
 save(R, T, extra)
-return {'ok', fmt(now), fmt(R and R.booked or 0), fmt(T and T.booked or 0), known(R, T)}
+return {'wait', fmt(go - now), fmt(R and R.rate or 0), known(R, T)}
 """
 
 # ARGV[7]: requests to give back; ARGV[8]: tokens to give back (negative: to charge).
@@ -274,13 +315,14 @@ class RedisRateLimiter(RateLimiter):
 
     - ``redis``: a URL (``"redis://localhost:6379/0"``, ``"rediss://..."``, ``"unix://..."``) or an
       existing ``redis.Redis`` (or ``valkey.Valkey``) client. A client built from a URL gives up on an
-      operation after ``timeout`` seconds; give your own client its own ``socket_timeout``.
+      operation after ``timeout`` seconds; your own client keeps its own ``socket_timeout`` and retries
+      (give it both a short timeout and few retries: every call may wait that long when Redis hangs).
     - ``rpm``, ``tpm``, ``limits``, ``headroom``, ``initial_burst``: as for :class:`RateLimiter`. Give
       every process the same limits (or none, to learn them from the server).
     - ``on_error``: what a call does when Redis fails or times out. ``"raise"``: raise
       :class:`LimiterUnavailable`, sending nothing. ``"local"``: log a warning and limit in this
-      process alone, trying Redis again every ``retry_interval`` seconds; the server's
-      ``x-ratelimit-remaining-*`` headers still show this process what the others used.
+      process alone; the server's ``x-ratelimit-remaining-*`` headers still show this process what the
+      others used. Either way Redis is asked again ``retry_interval`` seconds after it failed.
     - ``prefix``: the start of every key, ``{prefix}:{account}:{model}``; ``account`` is a hash of the
       API key and base URL, never the key. Keys expire ten minutes after their last use.
     - ``poll``: the longest a waiting caller goes without asking Redis again, to see refunds made by
@@ -297,7 +339,7 @@ class RedisRateLimiter(RateLimiter):
         on_error: str = "raise",
         prefix: str = "throttled_openai",
         timeout: float = 0.5,
-        retry_interval: float = 5.0,
+        retry_interval: float = 2.0,
         poll: float = 0.05,
         headroom: float = 0.02,
         initial_burst: float = 1.0,
@@ -319,12 +361,19 @@ class RedisRateLimiter(RateLimiter):
         self._errors = _error_types(self._redis)
         self._where = _describe(self._redis)
         self._scripts = {name: self._redis.register_script(_PRELUDE + body) for name, body in _SCRIPTS.items()}
-        self._down_until = -math.inf  # while on_error="local" limits locally, Redis is not asked before this
+        self._lease = max(1.0, 4 * self._poll)  # how long a waiting caller's place in line lasts unless renewed
+        self._ready: Dict[LimitKey, float] = {}  # when Redis last said the head of each key may go
+        self._rates: Dict[LimitKey, float] = {}  # the requests per second Redis last reported
+        self._down_until = -math.inf  # after a failure, Redis is not asked again before this
         self._outage = False  # Redis failed and has not answered since (to log its end once)
 
     @property
     def local_only(self) -> bool:
         """Whether calls are limited in this process alone for now, because Redis failed."""
+        return self._on_error == "local" and self._resting()
+
+    def _resting(self) -> bool:
+        """Whether Redis failed less than ``retry_interval`` ago: it is not asked again until then."""
         return self._clock() < self._down_until
 
     def redis_key(self, key: LimitKey) -> str:
@@ -352,7 +401,7 @@ class RedisRateLimiter(RateLimiter):
 
     def _try(self, script: str, key: LimitKey, *args: Any) -> Optional[List[str]]:
         """:meth:`_run` for bookkeeping that must never fail a call: ``None`` when Redis failed."""
-        if self.local_only:
+        if self._resting():
             return None
         try:
             return self._run(script, key, *args)
@@ -361,8 +410,7 @@ class RedisRateLimiter(RateLimiter):
             return None
 
     def _failed(self, error: BaseException) -> None:
-        if self._on_error == "local":
-            self._down_until = self._clock() + self._retry_interval
+        self._down_until = self._clock() + self._retry_interval
         if not self._outage:
             self._outage = True
             then = "limiting in this process alone" if self._on_error == "local" else "calls fail"
@@ -373,6 +421,13 @@ class RedisRateLimiter(RateLimiter):
                 error,
                 then,
             )
+
+    def _unavailable(self, error: Optional[BaseException] = None) -> LimiterUnavailable:
+        why = type(error).__name__ if error else f"it failed less than {self._retry_interval:g}s ago"
+        return LimiterUnavailable(
+            f"the shared rate limiter's Redis at {self._where} is unavailable ({why}); nothing was sent",
+            retry_after=max(self._retry_interval if error else self._down_until - self._clock(), 0.1),
+        )
 
     def _answered(self) -> None:
         if self._outage:
@@ -400,9 +455,12 @@ class RedisRateLimiter(RateLimiter):
         timeout: Optional[float],
         cancel: Optional[threading.Event],
     ) -> Reservation:
+        caller = random.getrandbits(48)  # names this call's place in the line across processes
         while True:
             if self.local_only:
                 return super()._wait_and_take(key, state, tokens, deadline, timeout, cancel)
+            if self._resting():
+                raise self._unavailable()
             if cancel is not None and cancel.is_set():
                 raise Cancelled(f"wait for model {key[1]!r} cancelled")
             now = self._clock()
@@ -417,31 +475,43 @@ class RedisRateLimiter(RateLimiter):
                 continue
             try:
                 with self._unlocked():
-                    reply = self._run("acquire", key, tokens)
+                    patience = min(deadline - now, 1e12)
+                    reply = self._run("acquire", key, tokens, caller, patience, self._lease)
             except self._errors as error:
                 self._failed(error)
                 if self._on_error == "raise":
-                    raise LimiterUnavailable(
-                        f"the shared rate limiter's Redis at {self._where} failed ({type(error).__name__}); "
-                        "nothing was sent",
-                        retry_after=self._retry_interval,
-                    ) from error
+                    raise self._unavailable(error) from error
                 continue
             if reply[0] == "too_large":
                 raise RequestTooLarge(key[1], tokens, float(reply[1]))
             if reply[-1] == "1":
                 state.learned = True
+            now = self._clock()
             if reply[0] == "ok":
+                self._ready[key] = now
                 marks = (float(reply[2]), float(reply[3]))
-                reservation = _RedisReservation(key, tokens, self._clock(), marks, float(reply[1]))
+                reservation = _RedisReservation(key, tokens, now, marks, float(reply[1]))
                 if not state.learned:  # no limit known anywhere yet: this call is the probe
                     state.probe = reservation
                     reservation.probe = True
                 return reservation
-            wait = float(reply[1])
-            if self._clock() + wait > deadline:
+            wait, rate = float(reply[1]), float(reply[2])
+            self._ready[key] = now + wait
+            self._rates[key] = rate
+            if now + wait > deadline:
                 raise RateLimitTimeout(key[1], retry_after=wait, max_wait=timeout or 0.0)
-            self._wait_locked(state, min(wait, self._poll))
+            self._wait_locked(state, min(wait, self._poll, _CANCEL_CHECK_SECONDS if cancel else math.inf))
+
+    def _projected_turn(self, key: LimitKey, state: _KeyState, now: float) -> float:
+        """When a caller joining the line could go: after the head, at the time Redis last gave it, and
+        one request interval per caller ahead. The local buckets are not charged in Redis mode."""
+        rate = self._rates.get(key, 0.0)
+        if self.local_only or rate <= 0:
+            return super()._projected_turn(key, state, now)
+        ready = self._ready.get(key, now)
+        if ready <= now:  # the head was let through: capacity is there, or may be
+            return state.paused_until
+        return max(ready + (len(state.line) + 1) / rate, state.paused_until)
 
     # -- ending a reservation --------------------------------------------------------------------
 
@@ -581,6 +651,14 @@ def _connect(redis: Union[str, Any], timeout: float) -> Any:
         return redis_py.Redis.from_url(redis, socket_timeout=timeout, socket_connect_timeout=timeout)
     if not callable(getattr(redis, "register_script", None)):
         raise TypeError(f"redis must be a URL or a redis.Redis client, got {type(redis).__name__}")
+    if inspect.iscoroutinefunction(getattr(redis, "execute_command", None)):
+        raise TypeError("redis must be a synchronous client (redis.Redis), not redis.asyncio.Redis")
+    kwargs = getattr(getattr(redis, "connection_pool", None), "connection_kwargs", None) or {}
+    if kwargs and kwargs.get("socket_timeout") is None:
+        log.warning(
+            "throttled_openai: the Redis client given to RedisRateLimiter has no socket_timeout: a Redis that "
+            "stops answering would hold calls until the OS gives up; give it one (and few retries)"
+        )
     return redis
 
 
