@@ -232,6 +232,17 @@ def test_max_wait_raises_quickly_with_a_retry_after_hint(one_per_second: FakeOpe
     assert one_per_second.stats()["requests"] == 1
 
 
+def test_a_429_asking_longer_than_max_wait_raises_rate_limit_timeout(one_per_second: FakeOpenAI) -> None:
+    # Another process used the budget: this client's limiter knows nothing yet, so its call goes and
+    # draws the server's 429, asking for about a second.
+    client_for(one_per_second).chat.completions.create(**CHAT)
+    with pytest.raises(RateLimitTimeout) as info:
+        client_for(one_per_second, max_wait=0.3).chat.completions.create(**CHAT)
+    assert isinstance(info.value.__cause__, openai.RateLimitError)
+    assert info.value.retry_after > 0.3
+    assert one_per_second.stats()["rate_limited"] == 1
+
+
 def test_copies_share_limiter_and_counters_and_keep_sdk_retries_off(server: FakeOpenAI) -> None:
     client = client_for(server, rpm=6000)
     quick = client.with_options(timeout=5, max_retries=1)

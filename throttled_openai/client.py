@@ -28,7 +28,7 @@ import openai
 
 from . import mapping
 from .batching import MAX_INPUTS_PER_EMBEDDING, MAX_PROMPTS_PER_COMPLETION
-from .errors import Cancelled
+from .errors import Cancelled, RateLimitTimeout
 from .headers import parse_rate_limit_headers
 from .limiter import LimitKey, Limits, RateLimiter, Reservation
 from .mapping import ProgressArg
@@ -434,6 +434,10 @@ class _ThrottledMixin:
                 stats.failed_attempt(decision.kind, decision.pause_all, retry)
                 if not retry:
                     stats.failed_call()
+                    if decision.retry and decision.pause_all:
+                        # The server's limit has room again later than max_wait allows: the same
+                        # answer as when the limiter sees that far ahead, with the 429 as its cause.
+                        raise RateLimitTimeout(key[1], decision.delay, left or 0.0) from error
                     raise
                 log.info(
                     "throttled_openai: %s on model %r, retry %d of %d in %.2fs",
@@ -501,11 +505,13 @@ class ThrottledClient(_ThrottledMixin, openai.OpenAI):
 
     - ``rpm``, ``tpm``: per-minute limits for every model; ``limits``: per-model overrides, e.g.
       ``{"gpt-4o": Limits(rpm=500, tpm=30_000)}``. Left out, they are learned from the server's headers.
-    - ``limiter``: a :class:`RateLimiter` to share with other clients (instead of the above).
+    - ``limiter``: a :class:`RateLimiter` to share with other clients, or a :class:`RedisRateLimiter`
+      to share with other processes (instead of the above).
     - ``retry``: a :class:`Retry` policy (or an int: its ``max_retries``); replaces the SDK's retries.
       ``max_retries`` is accepted too, as the policy's ``max_retries``.
-    - ``max_wait``: seconds one call may spend waiting for capacity and backoff before it raises
-      :class:`RateLimitTimeout` (or the last error); ``None`` (default) waits as long as needed.
+    - ``max_wait``: seconds one call may spend waiting for capacity and backoff. Past it a call raises
+      :class:`RateLimitTimeout` when the rate limit is what it waits for (in the limiter, or after a
+      429), else the error it was backing off from; ``None`` (default) waits as long as needed.
 
     Thread-safe: share one client between threads. ``copy()``/``with_options()`` share its limiter.
     """

@@ -21,7 +21,8 @@ class ThrottledOpenAIError(openai.OpenAIError):
 class RateLimitTimeout(ThrottledOpenAIError):
     """Capacity would not be available within the allowed wait (``max_wait`` or the retry deadline).
 
-    Nothing was sent. ``retry_after`` is how many seconds from now the limiter expected capacity, a good
+    Nothing was sent, or the server answered a rate-limit 429 asking for a longer wait than is left (that
+    429 is the ``__cause__``). ``retry_after`` is how many seconds from now capacity is expected, a good
     value for an HTTP ``Retry-After`` header when a web view answers 503.
     """
 

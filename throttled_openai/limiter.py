@@ -293,8 +293,12 @@ class RateLimiter:
                 while not ticket.turn.wait(_slice(deadline - self._clock(), cancel)):
                     if cancel is not None and cancel.is_set():
                         raise Cancelled(f"wait for model {key[1]!r} cancelled")
-                    if self._clock() >= deadline:
-                        raise RateLimitTimeout(key[1], retry_after=timeout or 0.0, max_wait=timeout or 0.0)
+                    now = self._clock()
+                    if now >= deadline:
+                        with self._lock:  # when the line would have let this caller go, by projection
+                            soonest = self._projected_turn(key, state, now)
+                        retry_after = max(soonest - now, _CANCEL_CHECK_SECONDS)
+                        raise RateLimitTimeout(key[1], retry_after=retry_after, max_wait=timeout or 0.0)
             with self._lock:
                 try:
                     return self._wait_and_take(key, state, tokens, deadline, timeout, cancel)
