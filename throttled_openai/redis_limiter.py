@@ -160,8 +160,8 @@ local function known(R, T) if R or T then return '1' end return '0' end
 # runs, and they leave what the callers ahead in line need. A caller that will wait takes its place in
 # line: across processes, callers are then served first come, first served, and a big call is not
 # starved by a stream of small ones.
-# Reply: {'ok', now, requests booked, tokens booked, known} | {'wait', seconds, rate, known}
-#      | {'too_large', tpm}
+# Reply: {'ok', now, requests booked, tokens booked, known} | {'too_large', tpm}
+#      | {'wait', seconds, requests per second, whether refunds may shorten the wait, known}
 _ACQUIRE = """
 local tokens, me, patience, lease = tonumber(ARGV[7]), ARGV[8], tonumber(ARGV[9]), tonumber(ARGV[10])
 local R, T = bucket('r'), bucket('t')
@@ -175,7 +175,8 @@ for id, w in pairs(line) do
 end
 advance(R)
 advance(T)
-local go = math.max(earliest(R, 1, keep_r), earliest(T, tokens, keep_t), h['paused_until'] or 0)
+local go_t = earliest(T, tokens, keep_t)
+local go = math.max(earliest(R, 1, keep_r), go_t, h['paused_until'] or 0)
 local extra = {}
 if go <= now then
   if R then take(R, 1) end
@@ -192,7 +193,10 @@ elseif mine then  -- it gives up: out of the line
   for _, f in ipairs({'wa:', 'wt:', 'wl:'}) do drop[#drop + 1] = f .. me end
 end
 save(R, T, extra)
-return {'wait', fmt(go - now), fmt(R and R.rate or 0), known(R, T)}
+-- Whether tokens are what it waits for: then refunds (settled usage) may bring its turn forward.
+local refunds = '0'
+if go_t >= go then refunds = '1' end
+return {'wait', fmt(go - now), fmt(R and R.rate or 0), refunds, known(R, T)}
 """
 
 # ARGV[7]: requests to give back; ARGV[8]: tokens to give back (negative: to charge).
@@ -495,12 +499,15 @@ class RedisRateLimiter(RateLimiter):
                     state.probe = reservation
                     reservation.probe = True
                 return reservation
-            wait, rate = float(reply[1]), float(reply[2])
+            wait, rate, refunds = float(reply[1]), float(reply[2]), reply[3] == "1"
             self._ready[key] = now + wait
             self._rates[key] = rate
             if now + wait > deadline:
                 raise RateLimitTimeout(key[1], retry_after=wait, max_wait=timeout or 0.0)
-            self._wait_locked(state, min(wait, self._poll, _CANCEL_CHECK_SECONDS if cancel else math.inf))
+            # Ask again soon when other processes' refunds may bring the turn forward (tokens bind);
+            # waiting for requests or a pause, only someone ahead giving up can, so ask less often.
+            again = self._poll if refunds else self._lease / 4
+            self._wait_locked(state, min(wait, again, _CANCEL_CHECK_SECONDS if cancel else math.inf))
 
     def _projected_turn(self, key: LimitKey, state: _KeyState, now: float) -> float:
         """When a caller joining the line could go: after the head, at the time Redis last gave it, and

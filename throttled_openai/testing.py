@@ -23,6 +23,7 @@ import itertools
 import json
 import math
 import random
+import re
 import shutil
 import socket
 import struct
@@ -1174,19 +1175,27 @@ class RedisServer:
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
                 raise RuntimeError(f"{self.executable} exited at start with status {self._process.returncode}")
-            if self._ping():
+            if self._answering_pid() == self._process.pid:  # ours, not another server that had the port
                 return self
             time.sleep(0.02)
         self.kill()
         raise RuntimeError(f"{self.executable} did not answer on port {self.port} within {timeout}s")
 
-    def _ping(self) -> bool:
+    def _answering_pid(self) -> Optional[int]:
+        """The process id of the server answering on our port, if one answers."""
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as conn:
-                conn.sendall(b"PING\r\n")
-                return conn.recv(64).startswith(b"+PONG")
+                conn.sendall(b"INFO server\r\n")
+                reply = b""
+                while b"process_id:" not in reply or not reply.endswith(b"\r\n"):
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return None
+                    reply += chunk
         except OSError:
-            return False
+            return None
+        found = re.search(rb"process_id:(\d+)", reply)
+        return int(found.group(1)) if found else None
 
     def kill(self) -> None:
         """Stop the server at once (SIGKILL): an outage, with everything it held lost."""
