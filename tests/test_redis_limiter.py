@@ -355,7 +355,8 @@ def test_a_caller_that_cannot_get_through_in_time_is_refused_at_once(url: str) -
     limiter.acquire(KEY, 0)
     head = threading.Thread(target=limiter.acquire, args=(KEY, 0), kwargs={"timeout": 10})
     head.start()
-    wait_for(lambda: limiter.snapshot()["gpt-test"]["waiting"] == 1)  # the head waits its turn
+    # The head waits its turn, as Redis told it (what the projection starts from).
+    wait_for(lambda: limiter._ready.get(KEY, 0.0) > time.monotonic())
     with pytest.raises(RateLimitTimeout) as caught:
         limiter.acquire(KEY, 0, timeout=0.5)  # behind the head: about two seconds away
     assert caught.value.retry_after > 1.5  # at once, on the projection: the head goes in ~1 s, then one more
@@ -533,3 +534,13 @@ def test_a_redis_restarted_empty_still_limits_by_the_limits_learned(server: Redi
     limiter.acquire(KEY, 0)
     with pytest.raises(RateLimitTimeout):
         other.acquire(KEY, 0, timeout=0)
+
+
+def test_after_a_restart_the_first_call_goes_through_on_a_new_connection(server: RedisServer, url: str) -> None:
+    limiter = make(url, rpm=6000, on_error="raise")
+    for _ in range(3):
+        limiter.acquire(KEY, 0)  # the pool now holds a connection to the old server
+    server.kill()
+    server.start()
+    for _ in range(3):
+        limiter.acquire(KEY, 0)  # not LimiterUnavailable: Redis is back

@@ -362,7 +362,8 @@ class RedisRateLimiter(RateLimiter):
         self._retry_interval = float(retry_interval)
         self._poll = float(poll)
         self._redis = _connect(redis, float(timeout))
-        self._errors = _error_types(self._redis)
+        self._errors = _error_types("RedisError", "ValkeyError", builtin=OSError)
+        self._broken = _error_types("ConnectionError", builtin=ConnectionError)
         self._where = _describe(self._redis)
         self._scripts = {name: self._redis.register_script(_PRELUDE + body) for name, body in _SCRIPTS.items()}
         self._lease = max(1.0, 4 * self._poll)  # how long a waiting caller's place in line lasts unless renewed
@@ -398,8 +399,20 @@ class RedisRateLimiter(RateLimiter):
         return [rpm or 0, tpm or 0, self._headroom, self._initial_burst, _JITTER_SECONDS, _TTL_MS]
 
     def _run(self, script: str, key: LimitKey, *args: Any) -> List[str]:
-        """Run one script on ``key``; raises one of ``self._errors`` when Redis fails."""
-        reply = self._scripts[script](keys=[self.redis_key(key)], args=[*self._config(key), *args])
+        """Run one script on ``key``; raises one of ``self._errors`` when Redis fails.
+
+        A connection that broke (a pooled one, after Redis restarted) is tried once more on a new one.
+        Not for a refund: in the rare case the first reply was lost after the script ran, running it
+        twice would give back twice; the others may run twice at no cost.
+        """
+        keys, argv = [self.redis_key(key)], [*self._config(key), *args]
+        try:
+            reply = self._scripts[script](keys=keys, args=argv)
+        except self._broken as error:
+            if script == "give_back":
+                raise
+            log.debug("throttled_openai: Redis connection broke (%s); trying a new one", type(error).__name__)
+            reply = self._scripts[script](keys=keys, args=argv)
         self._answered()
         return [_text(part) for part in reply] if isinstance(reply, list) else [_text(reply)]
 
@@ -669,15 +682,15 @@ def _connect(redis: Union[str, Any], timeout: float) -> Any:
     return redis
 
 
-def _error_types(client: Any) -> Tuple[Type[BaseException], ...]:
-    """What a failing Redis raises: redis-py's or valkey-py's base error, and socket errors."""
-    found: List[Type[BaseException]] = [OSError]
+def _error_types(*names: str, builtin: Type[BaseException]) -> Tuple[Type[BaseException], ...]:
+    """The exception classes of these ``names`` in redis-py and valkey-py (those installed), and ``builtin``."""
+    found: List[Type[BaseException]] = [builtin]
     for module in ("redis.exceptions", "valkey.exceptions"):
         try:
             exceptions = __import__(module, fromlist=["_"])
         except ImportError:
             continue
-        for name in ("RedisError", "ValkeyError"):
+        for name in names:
             error = getattr(exceptions, name, None)
             if isinstance(error, type) and issubclass(error, BaseException):
                 found.append(error)
