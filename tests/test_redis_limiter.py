@@ -21,6 +21,7 @@ from typing import Any, Callable, Dict, Iterator, List
 import pytest
 
 from throttled_openai import (
+    Cancelled,
     LimiterUnavailable,
     Limits,
     RateLimiter,
@@ -544,3 +545,54 @@ def test_after_a_restart_the_first_call_goes_through_on_a_new_connection(server:
     server.start()
     for _ in range(3):
         limiter.acquire(KEY, 0)  # not LimiterUnavailable: Redis is back
+
+
+def test_a_caller_that_gives_up_leaves_the_line_at_once(url: str) -> None:
+    first, other = make(url, tpm=60_000), make(url, tpm=60_000)  # 1,000 tokens per second, a burst of 1,000
+    first.acquire(KEY, 1_000)
+    store = redis.Redis.from_url(url)
+    in_line = lambda: [f for f in store.hkeys(first.redis_key(KEY)) if f.startswith(b"wa:")]  # noqa: E731
+    stop = threading.Event()
+    outcome: List[BaseException] = []
+
+    def big() -> None:
+        try:
+            first.acquire(KEY, 5_000, cancel=stop)
+        except BaseException as error:
+            outcome.append(error)
+
+    thread = threading.Thread(target=big)
+    thread.start()
+    wait_for(lambda: len(in_line()) == 1)  # it waits, in the line across processes
+    stop.set()
+    thread.join(10)
+    assert isinstance(outcome[0], Cancelled)
+    assert in_line() == []  # gone now, not when its lease lapses
+    other.acquire(KEY, 100, timeout=2)  # nobody ahead any more
+
+
+class BreakOnce:
+    """A script that fails once as a connection broken under it would, then runs."""
+
+    def __init__(self, script: Any, error: type) -> None:
+        self.script, self.error, self.calls = script, error, 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        if self.calls == 1:
+            raise self.error("Connection closed by server.")
+        return self.script(*args, **kwargs)
+
+
+def test_a_broken_connection_is_retried_or_skipped_but_never_fails_the_limiter(url: str) -> None:
+    limiter, other = make(url, rpm=60, on_error="raise"), make(url, rpm=60)
+    limiter._scripts["acquire"] = BreakOnce(limiter._scripts["acquire"], redis.ConnectionError)
+    reservation = limiter.acquire(KEY, 0)  # retried on a new connection
+    limiter._scripts["give_back"] = BreakOnce(limiter._scripts["give_back"], redis.ConnectionError)
+    limiter.cancel(reservation)  # skipped: a refund run twice would give back twice
+    assert not limiter.local_only
+    with pytest.raises(RateLimitTimeout):
+        other.acquire(KEY, 0, timeout=0)  # the refund was skipped, so the request stays booked
+    limiter._scripts["acquire"] = BreakOnce(limiter._scripts["acquire"], redis.TimeoutError)
+    with pytest.raises(LimiterUnavailable):
+        limiter.acquire(KEY, 0)  # a timeout is not retried: Redis may be hanging

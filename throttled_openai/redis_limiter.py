@@ -109,12 +109,12 @@ end
 local function room(B) return math.max(B.cap, B.hold) end
 
 local function advance(B)
-  if B and now > B.stamp then
-    B.level = math.min(room(B), B.level + (now - B.stamp) * B.rate)
-    B.stamp = now
-  elseif B and now < B.stamp then
-    B.stamp = now  -- Redis's clock stepped back (NTP, a failover): refill from here, don't stall
+  if not B then return end
+  if now > B.stamp then
+    B.level = B.level + (now - B.stamp) * B.rate
   end
+  B.stamp = now  -- also when Redis's clock stepped back (NTP, a failover): refill from here, don't stall
+  B.level = math.min(room(B), B.level)  -- and never above the room, once a big waiter has left
 end
 
 local function give_back(B, units) B.level = math.min(room(B), B.level + units) end
@@ -147,8 +147,8 @@ local function save(R, T, extra)
     args[#args + 1] = name
     args[#args + 1] = fmt(value)
   end
+  if #drop > 0 then redis.call('HDEL', key, unpack(drop)) end  -- first: a lapsed waiter may come back
   if #args > 0 then redis.call('HSET', key, unpack(args)) end
-  if #drop > 0 then redis.call('HDEL', key, unpack(drop)) end
   redis.call('PEXPIRE', key, ttl)
 end
 
@@ -156,16 +156,18 @@ local function known(R, T) if R or T then return '1' end return '0' end
 """
 
 # ARGV[7]: tokens; [8]: the caller's id; [9]: the longest it will wait; [10]: how long its place in
-# line lasts unless it asks again. Takes one request and the tokens if both budgets hold them, no pause
-# runs, and they leave what the callers ahead in line need. A caller that will wait takes its place in
+# line lasts unless it asks again; [11]: seconds its process is still paused (a 429 Redis may have
+# missed). Takes one request and the tokens if both budgets hold them, no pause runs, and they leave
+# what the callers ahead in line need. A caller that will wait takes its place in
 # line: across processes, callers are then served first come, first served, and a big call is not
 # starved by a stream of small ones.
 # Reply: {'ok', now, requests booked, tokens booked, known} | {'too_large', tpm}
-#      | {'wait', seconds, requests per second, whether refunds may shorten the wait, known}
+#      | {'wait', seconds, requests per second, whether refunds may shorten the wait, in line, known}
 _ACQUIRE = """
 local tokens, me, patience, lease = tonumber(ARGV[7]), ARGV[8], tonumber(ARGV[9]), tonumber(ARGV[10])
 local R, T = bucket('r'), bucket('t')
 if T and tokens > T.limit then return {'too_large', fmt(T.limit)} end
+if T and tokens > T.cap then T.hold = math.max(T.hold, tokens) end  -- its whole cost may fill in
 local mine = line[me]
 local keep_r, keep_t = 0, 0
 for id, w in pairs(line) do
@@ -176,7 +178,7 @@ end
 advance(R)
 advance(T)
 local go_t = earliest(T, tokens, keep_t)
-local go = math.max(earliest(R, 1, keep_r), go_t, h['paused_until'] or 0)
+local go = math.max(earliest(R, 1, keep_r), go_t, h['paused_until'] or 0, now + tonumber(ARGV[11]))
 local extra = {}
 if go <= now then
   if R then take(R, 1) end
@@ -185,7 +187,8 @@ if go <= now then
   save(R, T, extra)
   return {'ok', fmt(now), fmt(R and R.booked or 0), fmt(T and T.booked or 0), known(R, T)}
 end
-if go - now <= patience then
+local queued = go - now <= patience
+if queued then
   extra['wa:' .. me] = mine and mine.at or now
   extra['wt:' .. me] = tokens
   extra['wl:' .. me] = now + lease
@@ -194,9 +197,10 @@ elseif mine then  -- it gives up: out of the line
 end
 save(R, T, extra)
 -- Whether tokens are what it waits for: then refunds (settled usage) may bring its turn forward.
-local refunds = '0'
+local refunds, in_line = '0', '0'
 if go_t >= go then refunds = '1' end
-return {'wait', fmt(go - now), fmt(R and R.rate or 0), refunds, known(R, T)}
+if queued then in_line = '1' end
+return {'wait', fmt(go - now), fmt(R and R.rate or 0), refunds, in_line, known(R, T)}
 """
 
 # ARGV[7]: requests to give back; ARGV[8]: tokens to give back (negative: to charge).
@@ -286,7 +290,21 @@ out[#out + 1] = fmt(h['answered'] or 0)
 return out
 """
 
-_SCRIPTS = {"acquire": _ACQUIRE, "give_back": _GIVE_BACK, "observe": _OBSERVE, "pause": _PAUSE, "info": _INFO}
+# ARGV[7]: the id of a caller that gives up waiting: out of the line at once, not when its lease lapses.
+_LEAVE = """
+for _, f in ipairs({'wa:', 'wt:', 'wl:'}) do drop[#drop + 1] = f .. ARGV[7] end
+save(nil, nil)
+return 1
+"""
+
+_SCRIPTS = {
+    "leave": _LEAVE,
+    "acquire": _ACQUIRE,
+    "give_back": _GIVE_BACK,
+    "observe": _OBSERVE,
+    "pause": _PAUSE,
+    "info": _INFO,
+}
 
 
 class _RedisReservation(Reservation):
@@ -366,7 +384,8 @@ class RedisRateLimiter(RateLimiter):
         self._broken = _error_types("ConnectionError", builtin=ConnectionError)
         self._where = _describe(self._redis)
         self._scripts = {name: self._redis.register_script(_PRELUDE + body) for name, body in _SCRIPTS.items()}
-        self._lease = max(1.0, 4 * self._poll)  # how long a waiting caller's place in line lasts unless renewed
+        # How long a waiting caller's place in line lasts unless renewed: a few of its sleeps and Redis calls.
+        self._lease = max(1.0, 4 * self._poll) + 2 * float(timeout)
         self._ready: Dict[LimitKey, float] = {}  # when Redis last said the head of each key may go
         self._rates: Dict[LimitKey, float] = {}  # the requests per second Redis last reported
         self._down_until = -math.inf  # after a failure, Redis is not asked again before this
@@ -401,16 +420,18 @@ class RedisRateLimiter(RateLimiter):
     def _run(self, script: str, key: LimitKey, *args: Any) -> List[str]:
         """Run one script on ``key``; raises one of ``self._errors`` when Redis fails.
 
-        A connection that broke (a pooled one, after Redis restarted) is tried once more on a new one.
-        Not for a refund: in the rare case the first reply was lost after the script ran, running it
-        twice would give back twice; the others may run twice at no cost.
+        A connection that broke (a pooled one, after Redis restarted) is tried once more on a new one,
+        for the scripts that may run twice if the first reply was lost after they ran: twice only
+        over-books (acquire) or changes nothing. A refund or a refusal's refund (observe) twice would give
+        back twice: those are skipped instead, without counting as Redis failing.
         """
         keys, argv = [self.redis_key(key)], [*self._config(key), *args]
         try:
             reply = self._scripts[script](keys=keys, args=argv)
         except self._broken as error:
-            if script == "give_back":
-                raise
+            if script in ("give_back", "observe"):
+                log.debug("throttled_openai: Redis connection broke (%s); %s skipped", type(error).__name__, script)
+                return []
             log.debug("throttled_openai: Redis connection broke (%s); trying a new one", type(error).__name__)
             reply = self._scripts[script](keys=keys, args=argv)
         self._answered()
@@ -473,54 +494,58 @@ class RedisRateLimiter(RateLimiter):
         cancel: Optional[threading.Event],
     ) -> Reservation:
         caller = random.getrandbits(48)  # names this call's place in the line across processes
-        while True:
-            if self.local_only:
-                return super()._wait_and_take(key, state, tokens, deadline, timeout, cancel)
-            if self._resting():
-                raise self._unavailable()
-            if cancel is not None and cancel.is_set():
-                raise Cancelled(f"wait for model {key[1]!r} cancelled")
-            now = self._clock()
-            # Wait locally for this process's probe (no limit known yet) or its pause (Redis holds one too).
-            probing = not state.learned and state.probe is not None
-            if probing or state.paused_until > now:
-                until = deadline if probing else state.paused_until
-                if until > deadline or now >= deadline:
-                    retry_after = 1.0 if probing else until - now
-                    raise RateLimitTimeout(key[1], retry_after=retry_after, max_wait=timeout or 0.0)
-                self._wait_locked(state, min(until - now, _CANCEL_CHECK_SECONDS if cancel else math.inf))
-                continue
-            try:
+        in_line = False
+        try:
+            while True:
+                if self.local_only:
+                    return super()._wait_and_take(key, state, tokens, deadline, timeout, cancel)
+                if self._resting():
+                    raise self._unavailable()
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled(f"wait for model {key[1]!r} cancelled")
+                now = self._clock()
+                if not state.learned and state.probe is not None:  # no limit known yet: wait for the probe
+                    if now >= deadline:
+                        raise RateLimitTimeout(key[1], retry_after=1.0, max_wait=timeout or 0.0)
+                    self._wait_locked(state, min(deadline - now, _CANCEL_CHECK_SECONDS if cancel else math.inf))
+                    continue
+                paused = max(0.0, state.paused_until - now)  # this process's pause, in case Redis missed it
+                try:
+                    with self._unlocked():
+                        patience = min(deadline - now, 1e12)
+                        reply = self._run("acquire", key, tokens, caller, patience, self._lease, paused)
+                except self._errors as error:
+                    self._failed(error)
+                    if self._on_error == "raise":
+                        raise self._unavailable(error) from error
+                    continue
+                if reply[0] == "too_large":
+                    raise RequestTooLarge(key[1], tokens, float(reply[1]))
+                if reply[-1] == "1":
+                    state.learned = True
+                now = self._clock()
+                if reply[0] == "ok":  # (taking also took it out of the line)
+                    self._ready[key] = now
+                    marks = (float(reply[2]), float(reply[3]))
+                    reservation = _RedisReservation(key, tokens, now, marks, float(reply[1]))
+                    if not state.learned:  # no limit known anywhere yet: this call is the probe
+                        state.probe = reservation
+                        reservation.probe = True
+                    return reservation
+                wait, rate, refunds, in_line = float(reply[1]), float(reply[2]), reply[3] == "1", reply[4] == "1"
+                self._ready[key] = now + wait
+                self._rates[key] = rate
+                if now + wait > deadline:
+                    raise RateLimitTimeout(key[1], retry_after=wait, max_wait=timeout or 0.0)
+                # Ask again soon when other processes' refunds may bring the turn forward (tokens bind);
+                # waiting for requests or a pause, only someone ahead giving up can, so ask less often.
+                again = self._poll if refunds else self._lease / 4
+                self._wait_locked(state, min(wait, again, _CANCEL_CHECK_SECONDS if cancel else math.inf))
+        except BaseException:
+            if in_line:  # leave the line now: those behind would wait for this caller until its lease lapsed
                 with self._unlocked():
-                    patience = min(deadline - now, 1e12)
-                    reply = self._run("acquire", key, tokens, caller, patience, self._lease)
-            except self._errors as error:
-                self._failed(error)
-                if self._on_error == "raise":
-                    raise self._unavailable(error) from error
-                continue
-            if reply[0] == "too_large":
-                raise RequestTooLarge(key[1], tokens, float(reply[1]))
-            if reply[-1] == "1":
-                state.learned = True
-            now = self._clock()
-            if reply[0] == "ok":
-                self._ready[key] = now
-                marks = (float(reply[2]), float(reply[3]))
-                reservation = _RedisReservation(key, tokens, now, marks, float(reply[1]))
-                if not state.learned:  # no limit known anywhere yet: this call is the probe
-                    state.probe = reservation
-                    reservation.probe = True
-                return reservation
-            wait, rate, refunds = float(reply[1]), float(reply[2]), reply[3] == "1"
-            self._ready[key] = now + wait
-            self._rates[key] = rate
-            if now + wait > deadline:
-                raise RateLimitTimeout(key[1], retry_after=wait, max_wait=timeout or 0.0)
-            # Ask again soon when other processes' refunds may bring the turn forward (tokens bind);
-            # waiting for requests or a pause, only someone ahead giving up can, so ask less often.
-            again = self._poll if refunds else self._lease / 4
-            self._wait_locked(state, min(wait, again, _CANCEL_CHECK_SECONDS if cancel else math.inf))
+                    self._try("leave", key, caller)
+            raise
 
     def _projected_turn(self, key: LimitKey, state: _KeyState, now: float) -> float:
         """When a caller joining the line could go: after the head, at the time Redis last gave it, and
