@@ -384,8 +384,10 @@ class RedisRateLimiter(RateLimiter):
         self._broken = _error_types("ConnectionError", builtin=ConnectionError)
         self._where = _describe(self._redis)
         self._scripts = {name: self._redis.register_script(_PRELUDE + body) for name, body in _SCRIPTS.items()}
-        # How long a waiting caller's place in line lasts unless renewed: a few of its sleeps and Redis calls.
-        self._lease = max(1.0, 4 * self._poll) + 2 * float(timeout)
+        # How often a waiting head asks again when only someone ahead giving up could bring its turn
+        # forward; and how long its place in line lasts unless renewed: a few such sleeps and Redis calls.
+        self._patrol = max(self._poll, 0.25)
+        self._lease = 4 * self._patrol + 2 * float(timeout)
         self._ready: Dict[LimitKey, float] = {}  # when Redis last said the head of each key may go
         self._rates: Dict[LimitKey, float] = {}  # the requests per second Redis last reported
         self._down_until = -math.inf  # after a failure, Redis is not asked again before this
@@ -539,7 +541,7 @@ class RedisRateLimiter(RateLimiter):
                     raise RateLimitTimeout(key[1], retry_after=wait, max_wait=timeout or 0.0)
                 # Ask again soon when other processes' refunds may bring the turn forward (tokens bind);
                 # waiting for requests or a pause, only someone ahead giving up can, so ask less often.
-                again = self._poll if refunds else self._lease / 4
+                again = self._poll if refunds else self._patrol
                 self._wait_locked(state, min(wait, again, _CANCEL_CHECK_SECONDS if cancel else math.inf))
         except BaseException:
             if in_line:  # leave the line now: those behind would wait for this caller until its lease lapsed
