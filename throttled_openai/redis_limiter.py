@@ -347,8 +347,10 @@ class RedisRateLimiter(RateLimiter):
       others used. Either way Redis is asked again ``retry_interval`` seconds after it failed.
     - ``prefix``: the start of every key, ``{prefix}:{account}:{model}``; ``account`` is a hash of the
       API key and base URL, never the key. Keys expire ten minutes after their last use.
-    - ``poll``: the longest a waiting caller goes without asking Redis again, to see refunds made by
-      other processes (seconds).
+    - ``timeout``: seconds a Redis operation may take (for a client built from a URL) before it counts
+      as a failure; ``retry_interval``: seconds Redis is left alone after a failure.
+    - ``poll``: while tokens are what a caller waits for, how often it asks Redis again, to see refunds
+      made by other processes (seconds); otherwise it asks at least every quarter of a second.
     """
 
     def __init__(
