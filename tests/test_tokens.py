@@ -51,7 +51,8 @@ def test_without_tiktoken_installed_counting_still_works() -> None:
 
 def test_completions_cost_counts_every_prompt_and_sample(counter: TokenCounter) -> None:
     body = {"model": "gpt-3.5-turbo-instruct", "prompt": ["hello world", "hello"], "n": 3, "max_tokens": 10}
-    assert estimate_cost("completions", body, counter) == (2 + 1) + 2 * 3 * 10
+    # "hello world": 2 tiktoken tokens but 11 characters, so 3 (never below one per 4 characters); "hello": 2
+    assert estimate_cost("completions", body, counter) == (3 + 2) + 2 * 3 * 10
     assert estimate_cost("completions", {"model": "m", "prompt": [1, 2, 3]}, counter) == 3 + 16  # server default
     assert estimate_cost("completions", {"prompt": [[1, 2], [3]], "best_of": 4, "max_tokens": 1}, counter) == 3 + 8
 
@@ -63,16 +64,32 @@ def test_chat_cost_follows_the_cookbook(counter: TokenCounter) -> None:
         "max_completion_tokens": 7,
         "n": 2,
     }
-    # 2 + per message (4 + role + content): (4 + 1 + 2) + (4 + 1 + 1) = 15; plus 2 × 7
-    assert estimate_cost("chat", body, counter) == 15 + 14
+    # 2 + per message (4 + role + content), each text at least 1 per 4 characters:
+    # (4 + 2 ["system"] + 3 ["hello world"]) + (4 + 1 ["user"] + 2 ["hello"]) = 18; plus 2 × 7
+    assert estimate_cost("chat", body, counter) == 18 + 14
     parts = {"model": "gpt-4", "messages": [{"role": "user", "content": [{"type": "text", "text": "hello"}]}]}
-    assert estimate_cost("chat", parts, counter) == 2 + 4 + 1 + 1 + 1024
+    assert estimate_cost("chat", parts, counter) == 2 + 4 + 1 + 2 + 1024
 
 
 def test_embeddings_and_responses(counter: TokenCounter) -> None:
-    assert estimate_cost("embeddings", {"model": "text-embedding-3-small", "input": ["hello", "world"]}, counter) == 2
+    assert estimate_cost("embeddings", {"model": "text-embedding-3-small", "input": ["hello", "world"]}, counter) == 4
     body = {"model": "gpt-4o", "input": "hello world", "instructions": "hello", "max_output_tokens": 5}
-    assert estimate_cost("responses", body, counter) == 2 + 1 + 5
+    assert estimate_cost("responses", body, counter) == 3 + 2 + 5
+
+
+def test_admission_estimate_is_never_below_the_character_count(counter: TokenCounter) -> None:
+    # OpenAI counts a request against TPM "based on the character count", not with tiktoken. A chat of
+    # 24,400 characters is ~5,950 tiktoken tokens but ~6,100 by characters: it must be seen as too large
+    # for 6,000 TPM at once, not after waiting a minute for the server to refuse it.
+    text = "The quick brown fox jumps over the lazy dog. " * 542 + "Done."  # 24,395 characters
+    assert counter.count(text, "gpt-4") < len(text) / 4  # tiktoken alone would count less
+    body = {"model": "gpt-4", "messages": [{"role": "user", "content": text}], "max_tokens": 1}
+    assert estimate_cost("chat", body, counter) >= len(text) / 4
+    for endpoint, field in (("completions", "prompt"), ("embeddings", "input"), ("responses", "input")):
+        assert estimate_cost(endpoint, {"model": "gpt-4", field: text}, counter) >= len(text) / 4
+    # Text tiktoken counts higher (digits, CJK) keeps tiktoken's count.
+    digits = "1234567890" * 100
+    assert estimate_cost("embeddings", {"model": "gpt-4", "input": digits}, counter) == counter.count(digits, "gpt-4")
 
 
 def test_other_endpoints_cost_no_tokens(counter: TokenCounter) -> None:

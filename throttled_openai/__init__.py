@@ -7,7 +7,14 @@ token usage. See README.md for the tour.
 
 from .batching import IncompleteResponse
 from .client import ThrottledAzureClient, ThrottledClient
-from .errors import Cancelled, LimiterUnavailable, RateLimitTimeout, RequestTooLarge, ThrottledOpenAIError
+from .errors import (
+    BudgetExhausted,
+    Cancelled,
+    LimiterUnavailable,
+    RateLimitTimeout,
+    RequestTooLarge,
+    ThrottledOpenAIError,
+)
 from .headers import RateLimitHeaders, parse_rate_limit_headers
 from .limiter import Limits, RateLimiter, Reservation
 from .mapping import BulkError, BulkInterrupted, BulkTimeout, Progress
@@ -22,6 +29,7 @@ __all__ = [
     "BulkError",
     "BulkInterrupted",
     "BulkTimeout",
+    "BudgetExhausted",
     "Cancelled",
     "IncompleteResponse",
     "LimiterUnavailable",

@@ -15,6 +15,7 @@ How it hooks into the SDK, and why:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -28,13 +29,13 @@ import openai
 
 from . import mapping
 from .batching import MAX_INPUTS_PER_EMBEDDING, MAX_PROMPTS_PER_COMPLETION
-from .errors import Cancelled, RateLimitTimeout
-from .headers import parse_rate_limit_headers
+from .errors import Cancelled, RateLimitTimeout, RequestTooLarge
+from .headers import parse_limit_message, parse_rate_limit_headers
 from .limiter import LimitKey, Limits, RateLimiter, Reservation
 from .mapping import ProgressArg
 from .retry import Retry
 from .stats import Stats, StatsSnapshot
-from .tokens import TokenCounter, endpoint_of, estimate_cost, usage_tokens
+from .tokens import TokenCounter, assumed_output_cap, endpoint_of, estimate_cost, usage_tokens
 
 __all__ = ["ThrottledAzureClient", "ThrottledClient"]
 
@@ -225,8 +226,9 @@ class _ThrottledMixin:
         return self._max_wait
 
     def stats(self) -> StatsSnapshot:
-        """Counters of this client and every copy made from it."""
-        return self._stats.snapshot()
+        """Counters of this client and every copy made from it, with the limiter's view of each model's
+        limits (``limits``: see :meth:`RateLimiter.snapshot`: windows, sources, budgets, cost factor)."""
+        return dataclasses.replace(self._stats.snapshot(), limits=self._limiter.snapshot())
 
     def copy(
         self: _T, *, retry: Union[Retry, int, None] = None, max_wait: Optional[float] = _UNSET, **kwargs: Any
@@ -409,6 +411,12 @@ class _ThrottledMixin:
             before = time.monotonic()
             try:
                 reservation = limiter.acquire(key, cost, timeout=allowed, cancel=cancel)
+            except RequestTooLarge as error:
+                stats.failed_call()
+                assumed = assumed_output_cap(endpoint, body) if endpoint else None
+                if assumed is None:
+                    raise
+                raise error.with_detail(f"{assumed:,} output tokens assumed: pass max_tokens") from None
             except BaseException:
                 stats.failed_call()
                 raise
@@ -425,6 +433,10 @@ class _ThrottledMixin:
                 # 3a. Failed: charge what the server likely counted, then ask the policy.
                 status = getattr(error, "status_code", None)
                 limiter.settle(reservation, 0 if status is not None and status < 500 else None)
+                if status == 429:  # "... per min (RPM): Limit 3, Used 3, Requested 1": learn that limit
+                    message = parse_limit_message(getattr(error, "message", None) or str(error))
+                    if message is not None:
+                        limiter.learn_from_message(reservation, message)
                 retries += 1
                 decision = policy.decide(error, retries)
                 if decision.pause_all:

@@ -11,7 +11,17 @@ most of the budget, so the head must see them at once rather than at a time book
 
 The limiter also learns from what the server says (:meth:`RateLimiter.observe`): the limits themselves
 when none were given, the burst the server allows, and what remains when other processes share the
-limit. After a rate-limit 429 it pauses every caller of that limit and allows itself a smaller burst.
+limit. After a rate-limit 429 it pauses every caller of that limit and allows itself a smaller burst,
+and learns the limit the 429's message names (:meth:`RateLimiter.learn_from_message`).
+
+Two more things come from the server (``windows.py`` says how they are read):
+
+- A limit in the headers may cover a day or longer. Such a limit is a *budget*: another bucket, as
+  big as the limit and refilled over its window, that a call must fit besides the per-minute ones. A
+  call that would wait past its allowed wait for a budget raises :class:`BudgetExhausted` at once.
+- The server counts a request's tokens its own way (by characters, by JSON bytes). The ratio of its
+  count to our estimate (the *cost factor*) scales what each call books, the burst the bulk helpers
+  pack for, and the check that a call can ever fit.
 """
 
 from __future__ import annotations
@@ -21,10 +31,11 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Deque, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, Mapping, Optional, Tuple
 
-from .errors import Cancelled, RateLimitTimeout, RequestTooLarge
-from .headers import RateLimitHeaders
+from .errors import BudgetExhausted, Cancelled, RateLimitTimeout, RequestTooLarge, describe_window
+from .headers import LimitMessage, RateLimitHeaders
+from .windows import MINUTE, Calibration, WindowVote, estimate_window
 
 __all__ = ["LimitKey", "Limits", "RateLimiter", "Reservation"]
 
@@ -37,6 +48,12 @@ _JITTER_SECONDS = 0.15
 _CANCEL_CHECK_SECONDS = 0.25
 # Smallest burst, in seconds of budget, that repeated 429s may shrink a bucket to.
 _MIN_BURST_SECONDS = 0.2
+# With ``max_wait=None``, the longest a call waits for a long-window budget (per day) to refill, in
+# seconds, before it raises BudgetExhausted: a job should not sit silent for hours.
+_MAX_BUDGET_WAIT = 120.0
+# Where a limit came from, as shown by snapshot() and repr().
+CONFIGURED, HEADERS, MESSAGE = "configured", "headers", "429"
+_KINDS = ("requests", "tokens")
 
 
 def _check_limit(name: str, value: Optional[float]) -> Optional[float]:
@@ -65,13 +82,18 @@ class Limits:
 class _Bucket:
     """One budget: ``level`` units were available at ``stamp``; refills at ``rate`` per second up to
     ``capacity``. ``level`` goes negative only after a call larger than the burst or a usage above
-    its estimate: debt that the next caller waits out."""
+    its estimate: debt that the next caller waits out. ``window``: seconds the limit covers (60 for a
+    per-minute limit); ``source``: where the limit came from (configured, headers or a 429)."""
 
-    __slots__ = ("booked", "capacity", "ceiling", "configured", "hold", "level", "limit", "rate", "stamp")
+    __slots__ = (
+        "booked", "capacity", "ceiling", "configured", "hold", "level", "limit", "rate", "source", "stamp", "window",
+    )  # fmt: skip
 
     def __init__(self, configured: Optional[float], headroom: float, initial_burst: float, now: float) -> None:
         self.configured = configured
         self.limit: Optional[float] = None
+        self.window = MINUTE
+        self.source: Optional[str] = None
         self.rate = 0.0  # units per second
         self.capacity = 0.0
         self.ceiling = math.inf  # the most burst we allow ourselves; only shrinks, after 429s
@@ -83,24 +105,38 @@ class _Bucket:
         self.hold = 0.0
         if configured is not None:
             self.set_limit(configured, headroom)
+            self.source = CONFIGURED
             self.start(initial_burst)
 
     @property
     def active(self) -> bool:
         return self.limit is not None
 
-    def set_limit(self, limit: float, headroom: float) -> None:
+    def set_limit(self, limit: float, headroom: float, window: float = MINUTE) -> None:
         self.limit = limit
-        self.rate = limit / 60.0 * (1.0 - headroom)
+        self.window = window
+        self.rate = limit / window * (1.0 - headroom)
         self.ceiling = min(self.ceiling, limit)
 
-    def learn(self, limit: float, headroom: float, initial_burst: float) -> None:
-        """Take the server's ``limit`` (the configured one still wins if lower); start if it was off."""
-        if limit != self.limit:
-            was_active = self.active
-            self.set_limit(min(limit, self.configured or math.inf), headroom)
-            if not was_active:
-                self.start(initial_burst)
+    def learn(self, limit: float, headroom: float, initial_burst: float, source: str = HEADERS) -> bool:
+        """Take the server's per-minute ``limit`` (the configured one still wins if lower); start if it
+        was off. Returns whether the limit went down (or became known)."""
+        if limit == self.limit:
+            return False
+        was_active, before = self.active, self.limit
+        if self.configured is not None and self.configured <= limit:
+            limit, source = self.configured, CONFIGURED
+        self.set_limit(limit, headroom)
+        self.source = source
+        if not was_active:
+            self.start(initial_burst)
+        return before is None or limit < before
+
+    def forget(self) -> None:
+        """Drop a limit learned from the headers that turned out to cover a longer window."""
+        if self.source == HEADERS:
+            self.limit, self.source, self.rate = None, None, 0.0
+            self.ceiling = math.inf
 
     def start(self, initial_burst: float) -> None:
         burst = self.rate * max(initial_burst - _JITTER_SECONDS, initial_burst / 2)
@@ -124,9 +160,9 @@ class _Bucket:
         return now if missing <= 0 else now + missing / self.rate
 
     def take(self, units: float) -> None:
+        self.booked += units  # counted even while inactive: observe() compares it with the server's view
         if self.active:
             self.level -= units
-            self.booked += units
 
     def give_back(self, units: float) -> None:
         if self.active:
@@ -134,31 +170,47 @@ class _Bucket:
 
 
 class _Ticket:
-    """A caller waiting in line behind the head; the head sets ``turn`` when it is this caller's go."""
+    """A caller waiting in line behind the head; the head sets ``turn`` when it is this caller's go.
+    ``too_large``: set (with ``turn``) when a limit learned meanwhile is below the caller's cost."""
 
-    __slots__ = ("turn",)
+    __slots__ = ("tokens", "too_large", "turn")
 
-    def __init__(self) -> None:
+    def __init__(self, tokens: int) -> None:
+        self.tokens = tokens
+        self.too_large: Optional[RequestTooLarge] = None
         self.turn = threading.Event()
 
 
 class _KeyState:
     __slots__ = (
         "answered",
+        "budgets",
+        "calibration",
+        "full_at",
         "head",
+        "in_flight",
         "learned",
         "line",
+        "message_limits",
         "paused_until",
         "probe",
         "requests",
         "shrunk_at",
         "tokens",
+        "votes",
         "wakeup",
     )
 
     def __init__(self, limits: Limits, headroom: float, initial_burst: float, now: float, lock: threading.Lock) -> None:
         self.requests = _Bucket(limits.rpm, headroom, initial_burst, now)
         self.tokens = _Bucket(limits.tpm, headroom, initial_burst, now)
+        # Long-window limits (per day or longer) by kind, learned from headers or 429 messages.
+        self.budgets: Dict[str, _Bucket] = {}
+        self.votes = {kind: WindowVote() for kind in _KINDS}
+        self.message_limits: Dict[str, float] = {}  # per-minute limits named by 429 messages
+        self.calibration = Calibration()
+        self.in_flight = 0  # reservations taken and not yet ended
+        self.full_at = now  # when the server's token bucket is full again, by the last reset it sent
         # With no limit given at all, one request (the probe) goes first to learn them from headers,
         # so that 64 threads starting at once don't all hit an unknown limit.
         self.learned = limits.rpm is not None or limits.tpm is not None
@@ -170,23 +222,42 @@ class _KeyState:
         self.line: Deque[_Ticket] = deque()
         self.wakeup = threading.Condition(lock)  # the head waits here; refunds and answers notify it
 
+    def minute(self, kind: str) -> _Bucket:
+        return self.requests if kind == "requests" else self.tokens
+
+    def buckets(self, kind: str) -> Tuple[_Bucket, ...]:
+        """The per-minute bucket of ``kind`` and its long-window budget, if any."""
+        budget = self.budgets.get(kind)
+        return (self.minute(kind),) if budget is None else (self.minute(kind), budget)
+
+    def too_large(self, model: str, tokens: int) -> Optional[RequestTooLarge]:
+        """The error for a call of ``tokens`` that can never fit a known token limit, else ``None``."""
+        for bucket in self.buckets("tokens"):
+            if bucket.limit is not None and tokens > bucket.limit:
+                return RequestTooLarge(model, tokens, bucket.limit, window=bucket.window)
+        return None
+
 
 class Reservation:
     """One request and ``tokens`` tokens taken from a key's budget at ``ready_at`` (monotonic seconds).
 
-    Obtained from :meth:`RateLimiter.acquire`; end it with :meth:`RateLimiter.settle` once the request
-    was sent, or :meth:`RateLimiter.cancel` if it never was.
+    ``tokens`` is in the server's units (the estimate times the key's cost factor); ``estimate`` is the
+    caller's own count. Obtained from :meth:`RateLimiter.acquire`; end it with
+    :meth:`RateLimiter.settle` once the request was sent, or :meth:`RateLimiter.cancel` if it never was.
     """
 
-    __slots__ = ("done", "key", "marks", "probe", "ready_at", "refused", "tokens")
+    __slots__ = ("done", "estimate", "key", "marks", "observed", "probe", "quiet", "ready_at", "refused", "tokens")
 
     def __init__(self, key: LimitKey, tokens: int, ready_at: float, marks: Tuple[float, float]) -> None:
         self.key = key
         self.tokens = tokens
+        self.estimate = tokens
         self.ready_at = ready_at
         self.marks = marks  # each bucket's `booked` total right after this reservation
         self.probe = False
+        self.quiet = False  # sent alone into a full bucket: its headers show its own cost
         self.done = False
+        self.observed = False  # the server's headers for it were seen
         self.refused = False  # the server answered with an error: it took none of our tokens
 
     def __repr__(self) -> str:
@@ -261,12 +332,16 @@ class RateLimiter:
     ) -> Reservation:
         """Wait for one request and ``tokens`` tokens of ``key``'s budget, and take them.
 
-        Callers are served first come, first served. ``timeout`` (seconds): the longest this call may
-        wait; ``None`` waits as long as needed. When capacity is known to be further away than that,
-        :class:`RateLimitTimeout` is raised at once rather than after waiting. A cost above the whole
-        per-minute token limit raises :class:`RequestTooLarge` at once. ``cancel``: when this event is
-        set, the wait ends within a quarter of a second with :class:`Cancelled`. A wait that ends in an
-        exception (a timeout, a cancel, Ctrl-C) takes nothing.
+        ``tokens`` is the caller's estimate; what is booked is that times the key's cost factor (the
+        server's count of a request against ours, learned from its headers). Callers are served first
+        come, first served. ``timeout`` (seconds): the longest this call may wait; ``None`` waits as long
+        as needed, except for a long-window budget (per day): that is waited for up to two minutes, then
+        :class:`BudgetExhausted` is raised. When capacity is known to be further away than allowed,
+        :class:`RateLimitTimeout` (or :class:`BudgetExhausted`) is raised at once rather than after
+        waiting. A cost above a whole token limit raises :class:`RequestTooLarge` at once, also while
+        waiting in line when the limit is learned only then. ``cancel``: when this event is set, the
+        wait ends within a quarter of a second with :class:`Cancelled`. A wait that ends in an exception
+        (a timeout, a cancel, Ctrl-C) takes nothing.
         """
         if isinstance(tokens, bool) or not isinstance(tokens, int):
             raise TypeError(f"tokens must be an int, got {tokens!r}")
@@ -277,17 +352,19 @@ class RateLimiter:
         ticket: Optional[_Ticket] = None
         with self._lock:
             state = self._state(key, start)
-            limit = state.tokens.limit
-            if limit is not None and tokens > limit:
-                raise RequestTooLarge(key[1], tokens, limit)
+            charge = state.calibration.charge(tokens)
+            too_large = state.too_large(key[1], charge)
+            if too_large is not None:
+                raise too_large
             if state.head or state.line:
                 soonest = self._projected_turn(key, state, start)
                 if soonest > deadline:
                     raise RateLimitTimeout(key[1], retry_after=soonest - start, max_wait=timeout or 0.0)
-                ticket = _Ticket()
+                ticket = _Ticket(charge)
                 state.line.append(ticket)
             else:
                 state.head = True
+        head = ticket is None
         try:
             if ticket is not None:
                 while not ticket.turn.wait(_slice(deadline - self._clock(), cancel)):
@@ -299,16 +376,26 @@ class RateLimiter:
                             soonest = self._projected_turn(key, state, now)
                         retry_after = max(soonest - now, _CANCEL_CHECK_SECONDS)
                         raise RateLimitTimeout(key[1], retry_after=retry_after, max_wait=timeout or 0.0)
+                if ticket.too_large is not None:  # taken out of the line by a limit learned meanwhile
+                    raise ticket.too_large
             with self._lock:
+                head = True
+                # The line may have waited long for that turn, and the factor moved: count again.
+                charge = state.calibration.charge(tokens)
                 try:
-                    return self._wait_and_take(key, state, tokens, deadline, timeout, cancel)
+                    reservation = self._wait_and_take(key, state, charge, deadline, timeout, cancel)
                 finally:
                     state.tokens.hold = 0.0
+                reservation.estimate = tokens
+                reservation.quiet = state.in_flight == 0 and reservation.ready_at >= state.full_at
+                state.in_flight += 1
+                return reservation
         finally:
             # However this ends (taken, timed out, interrupted): leave the line, or pass the head role on.
             with self._lock:
-                if ticket is not None and ticket in state.line:
-                    state.line.remove(ticket)  # never became head
+                if not head:
+                    if ticket is not None and ticket in state.line:
+                        state.line.remove(ticket)  # never became head
                 elif state.line:
                     state.line.popleft().turn.set()  # `head` stays True: the next caller holds it
                 else:
@@ -336,6 +423,9 @@ class RateLimiter:
         while True:
             if cancel is not None and cancel.is_set():
                 raise Cancelled(f"wait for model {key[1]!r} cancelled")
+            too_large = state.too_large(key[1], tokens)  # a limit may have been learned meanwhile
+            if too_large is not None:
+                raise too_large
             now = self._clock()
             # A call bigger than the burst waits for its whole cost, not for a full (smaller) bucket.
             state.tokens.hold = tokens if tokens > state.tokens.capacity else 0.0
@@ -344,12 +434,19 @@ class RateLimiter:
                 if now >= deadline:
                     raise RateLimitTimeout(key[1], retry_after=1.0, max_wait=timeout or 0.0)
             else:
-                state.requests.advance(now)
-                state.tokens.advance(now)
-                go_at = max(state.requests.earliest(1, now), state.tokens.earliest(tokens, now), state.paused_until)
+                self._check_budgets(key, state, tokens, now, deadline, timeout)
+                for kind in _KINDS:
+                    for bucket in state.buckets(kind):
+                        bucket.advance(now)
+                go_at = max(
+                    state.paused_until,
+                    *(bucket.earliest(1, now) for bucket in state.buckets("requests")),
+                    *(bucket.earliest(tokens, now) for bucket in state.buckets("tokens")),
+                )
                 if go_at <= now:
-                    state.requests.take(1)
-                    state.tokens.take(tokens)
+                    for kind, units in (("requests", 1), ("tokens", tokens)):
+                        for bucket in state.buckets(kind):
+                            bucket.take(units)
                     reservation = Reservation(key, tokens, now, (state.requests.booked, state.tokens.booked))
                     if not state.learned:
                         state.probe = reservation
@@ -358,6 +455,24 @@ class RateLimiter:
                 if go_at > deadline:
                     raise RateLimitTimeout(key[1], retry_after=go_at - now, max_wait=timeout or 0.0)
             self._wait_locked(state, go_at - now if cancel is None else min(go_at - now, _CANCEL_CHECK_SECONDS))
+
+    def _check_budgets(
+        self, key: LimitKey, state: _KeyState, tokens: int, now: float, deadline: float, timeout: Optional[float]
+    ) -> None:
+        """Raise :class:`BudgetExhausted` when a long-window budget cannot hold this call within the
+        allowed wait (two minutes when ``timeout`` is ``None``). Called under the lock."""
+        bound = min(deadline, now + _MAX_BUDGET_WAIT) if timeout is None else deadline
+        for kind, units in (("requests", 1), ("tokens", tokens)):
+            budget = state.budgets.get(kind)
+            if budget is None:
+                continue
+            budget.advance(now)
+            ready = budget.earliest(units, now)
+            if ready > bound:
+                raise BudgetExhausted(
+                    key[1], kind, budget.limit or 0.0, budget.window, budget.source or HEADERS,
+                    retry_after=ready - now, max_wait=_MAX_BUDGET_WAIT if timeout is None else timeout,
+                )  # fmt: skip
 
     def _wait_locked(self, state: _KeyState, seconds: float) -> None:
         """Wait (the lock held on entry and exit) up to ``seconds``, or less if notified."""
@@ -379,10 +494,12 @@ class RateLimiter:
                 return
             reservation.done = True
             state = self._keys[reservation.key]
+            state.in_flight -= 1
             now = self._clock()
-            for bucket, units in ((state.requests, 1.0), (state.tokens, float(reservation.tokens))):
-                bucket.advance(now)
-                bucket.give_back(units)
+            for kind, units in (("requests", 1.0), ("tokens", float(reservation.tokens))):
+                for bucket in state.buckets(kind):
+                    bucket.advance(now)
+                    bucket.give_back(units)
             self._end_probe(state, reservation, learned=False)
             state.wakeup.notify()
 
@@ -399,14 +516,21 @@ class RateLimiter:
                 return
             reservation.done = True
             state = self._keys[reservation.key]
+            state.in_flight -= 1
+            now = self._clock()
+            if not reservation.observed:  # sent, but what it cost the server was never seen
+                state.full_at = max(state.full_at, now + MINUTE)
             # A refusal whose headers were observed already left our tokens out of the level.
-            if used_tokens is not None and state.tokens.active and not reservation.refused:
-                state.tokens.advance(self._clock())
+            if used_tokens is not None and not reservation.refused:
                 extra = used_tokens - reservation.tokens
-                if extra > 0:
-                    state.tokens.take(extra)
-                else:
-                    state.tokens.give_back(-extra)
+                for bucket in state.buckets("tokens"):
+                    if bucket.active:
+                        bucket.advance(now)
+                        if extra > 0:
+                            bucket.take(extra)
+                        else:
+                            bucket.give_back(-extra)
+                if extra < 0:
                     state.wakeup.notify()
             self._end_probe(state, reservation, learned=False)
 
@@ -425,7 +549,9 @@ class RateLimiter:
         the server allows (at least ``remaining`` + this request's cost). The level only goes *down* to
         what the server says remains (plus its refill since this request, less what we took after it
         and a jitter margin): other processes sharing the limit show up there. It goes up only by
-        burst newly discovered. ``status``: the response's HTTP status; a refusal took no tokens.
+        burst newly discovered. A limit whose reset shows a window well above a minute becomes a
+        budget instead, and a request counted alone calibrates the cost factor (``windows.py``).
+        ``status``: the response's HTTP status; a refusal took no tokens.
         """
         with self._lock:
             state = self._keys[reservation.key]
@@ -433,10 +559,12 @@ class RateLimiter:
             now = self._clock()
             accepted = 200 <= status < 300
             reservation.refused = not accepted
-            elapsed = max(0.0, now - reservation.ready_at)
             if not accepted:  # the server took none of our tokens (`settle` will not refund them again)
-                state.tokens.advance(now)
-                state.tokens.give_back(reservation.tokens)
+                for bucket in state.buckets("tokens"):
+                    bucket.advance(now)
+                    bucket.give_back(reservation.tokens)
+            headers = self._read_windows(state, reservation, headers, accepted, now)
+            elapsed = max(0.0, now - reservation.ready_at)
             pairs = (
                 (state.requests, headers.limit_requests, headers.remaining_requests, 1.0, reservation.marks[0]),
                 (
@@ -463,7 +591,104 @@ class RateLimiter:
             # none will not send them later either. An error without limits lets the next caller probe.
             learned = accepted or headers.limit_requests is not None or headers.limit_tokens is not None
             self._end_probe(state, reservation, learned=learned)
+            self._reject_too_large(reservation.key, state)
             state.wakeup.notify()
+
+    def _read_windows(
+        self, state: _KeyState, reservation: Reservation, headers: RateLimitHeaders, accepted: bool, now: float
+    ) -> RateLimitHeaders:
+        """Take from ``headers`` what covers a long window (into the key's budgets) and what shows the
+        server's cost of a quiet request (into its calibration); return the per-minute rest. Called
+        under the lock, by both limiters (Redis keeps only the per-minute buckets)."""
+        reservation.observed = True
+        elapsed = max(0.0, now - reservation.ready_at)
+        minute: Dict[str, Optional[float]] = {}
+        for kind, mark in zip(_KINDS, reservation.marks):
+            limit = getattr(headers, f"limit_{kind}")
+            remaining = getattr(headers, f"remaining_{kind}")
+            reset = getattr(headers, f"reset_{kind}")
+            vote = state.votes[kind]
+            if limit is not None:
+                vote.add(estimate_window(limit, remaining, reset))
+            named = state.message_limits.get(kind)  # a 429 named the per-minute limit: this is another
+            long_window = limit is not None and (vote.long or (named is not None and abs(limit - named) >= 1))
+            if not long_window:
+                minute[f"limit_{kind}"], minute[f"remaining_{kind}"] = limit, remaining
+                if kind == "tokens" and reset is not None and limit is not None:
+                    self._calibrate(state, reservation, reset * limit / MINUTE, now + reset, accepted)
+                continue
+            assert limit is not None
+            window = vote.window if vote.long else None
+            budget = self._budget(state, kind, limit, window or 86400.0, HEADERS, now)
+            state.minute(kind).forget()
+            if remaining is not None:  # a budget follows the server's count both ways, less what we sent since
+                seen = remaining + budget.rate * elapsed - (state.minute(kind).booked - mark)
+                budget.level = min(budget.capacity, seen)
+        return RateLimitHeaders(
+            limit_requests=minute.get("limit_requests"),
+            limit_tokens=minute.get("limit_tokens"),
+            remaining_requests=minute.get("remaining_requests"),
+            remaining_tokens=minute.get("remaining_tokens"),
+            reset_requests=headers.reset_requests,
+            reset_tokens=headers.reset_tokens,
+            retry_after=headers.retry_after,
+        )
+
+    def _budget(self, state: _KeyState, kind: str, limit: float, window: float, source: str, now: float) -> _Bucket:
+        """The long-window budget of ``kind``, created or updated to ``limit`` per ``window`` seconds."""
+        budget = state.budgets.get(kind)
+        if budget is None:
+            budget = state.budgets[kind] = _Bucket(None, self._headroom, self._initial_burst, now)
+            budget.level = limit
+        if budget.limit != limit or budget.window != window:
+            budget.set_limit(limit, self._headroom, window)
+            budget.capacity = limit
+            budget.level = min(budget.level, limit)
+        budget.source = source
+        return budget
+
+    @staticmethod
+    def _calibrate(state: _KeyState, reservation: Reservation, missing: float, full_at: float, accepted: bool) -> None:
+        """``missing``: tokens the server's bucket lacked right after this request, by its reset. For a
+        request sent alone into a full bucket, that is the server's count of its cost."""
+        if accepted and reservation.quiet and reservation.estimate > 0 and missing > 0:
+            state.calibration.add(missing, reservation.estimate)
+        state.full_at = max(state.full_at, full_at)
+
+    def learn_from_message(self, reservation: Reservation, message: LimitMessage) -> None:
+        """Learn the limit a 429's message names: a per-minute limit (``... per min (RPM): Limit 3``)
+        replaces what the headers showed, which then was a longer window; a per-day one (``RPD``,
+        ``TPD``) becomes a budget with ``limit - used`` left. ``Requested N`` of a token limit is the
+        server's own count of this request, a calibration sample. Waiting callers that can now never
+        fit raise :class:`RequestTooLarge`."""
+        with self._lock:
+            state = self._keys[reservation.key]
+            now = self._clock()
+            if message.kind == "tokens" and message.requested is not None:
+                state.calibration.add(message.requested, reservation.estimate)
+            if message.window <= MINUTE:
+                state.message_limits[message.kind] = message.limit
+                bucket = state.minute(message.kind)
+                bucket.advance(now)
+                if bucket.learn(message.limit, self._headroom, self._initial_burst, MESSAGE):
+                    bucket.capacity = min(bucket.capacity, bucket.ceiling)
+                    bucket.level = min(bucket.level, bucket.capacity)
+            else:
+                budget = self._budget(state, message.kind, message.limit, message.window, MESSAGE, now)
+                budget.advance(now)
+                left = message.limit - message.used if message.used is not None else 0.0
+                budget.level = min(budget.level, max(0.0, left))
+            self._reject_too_large(reservation.key, state)
+            state.wakeup.notify()
+
+    @staticmethod
+    def _reject_too_large(key: LimitKey, state: _KeyState) -> None:
+        """Take out of the line, with :class:`RequestTooLarge`, every caller a known limit can never hold
+        (the head checks itself when woken)."""
+        for ticket in [t for t in state.line if state.too_large(key[1], t.tokens) is not None]:
+            state.line.remove(ticket)
+            ticket.too_large = state.too_large(key[1], ticket.tokens)
+            ticket.turn.set()
 
     def pause(self, reservation: Reservation, seconds: float, kind: str = "") -> None:
         """The server refused ``reservation`` with a rate-limit 429: every caller of its key waits
@@ -502,38 +727,69 @@ class RateLimiter:
             return state.tokens.configured is not None or state.answered
 
     def token_burst(self, key: LimitKey) -> Optional[float]:
-        """Most tokens one call of ``key`` may take at once without waiting for a full bucket
-        (``None`` while no token limit is known)."""
+        """Most tokens (by our estimate) one call of ``key`` may take at once without waiting for a full
+        bucket: the burst over the cost factor (``None`` while no token limit is known)."""
         with self._lock:
-            bucket = self._state(key, self._clock()).tokens
-            return bucket.capacity if bucket.active else None
+            state = self._state(key, self._clock())
+            bucket = state.tokens
+            return bucket.capacity / state.calibration.factor if bucket.active else None
+
+    def cost_factor(self, key: LimitKey) -> float:
+        """The server's count of a request's tokens over our estimate, as learned so far (1.0 at first)."""
+        with self._lock:
+            return self._state(key, self._clock()).calibration.factor
 
     # -- looking at it ---------------------------------------------------------------------------
 
-    def snapshot(self) -> Dict[str, Dict[str, Optional[float]]]:
-        """Per-model state for debugging: limits, burst, level now, callers waiting, pause left."""
+    def snapshot(self) -> Dict[str, Dict[str, Any]]:
+        """Per-model state for debugging: for ``requests`` and ``tokens``, the per-minute limit, where it
+        came from (``"configured"``, ``"headers"`` or ``"429"``), burst and level now, and any
+        long-window budget (``*_budget_limit``, ``*_budget_window`` in seconds, ``*_budget_level``,
+        ``*_budget_source``); callers waiting, pause left, and the cost factor."""
         with self._lock:
             now = self._clock()
-            out: Dict[str, Dict[str, Optional[float]]] = {}
+            out: Dict[str, Dict[str, Any]] = {}
             for (_, model), state in self._keys.items():
-                entry: Dict[str, Optional[float]] = {
+                entry: Dict[str, Any] = {
                     "paused_for": max(0.0, state.paused_until - now),
                     "waiting": len(state.line) + int(state.head),
+                    "cost_factor": state.calibration.factor,
                 }
-                for name, bucket in (("requests", state.requests), ("tokens", state.tokens)):
+                for name in _KINDS:
+                    bucket = state.minute(name)
                     bucket.advance(now)
                     entry[f"{name}_limit"] = bucket.limit
+                    entry[f"{name}_source"] = bucket.source
                     entry[f"{name}_burst"] = bucket.capacity if bucket.active else None
                     entry[f"{name}_level"] = bucket.level if bucket.active else None
+                    budget = state.budgets.get(name)
+                    if budget is not None:
+                        budget.advance(now)
+                        entry[f"{name}_budget_limit"] = budget.limit
+                        entry[f"{name}_budget_window"] = budget.window
+                        entry[f"{name}_budget_level"] = budget.level
+                        entry[f"{name}_budget_source"] = budget.source
                 out[model] = entry
             return out
 
     def __repr__(self) -> str:
         parts = []
         for model, entry in self.snapshot().items():
+            limits = []
+            for name, unit in (("requests", "rpm"), ("tokens", "tpm")):
+                text = f"{unit}={entry[f'{name}_limit']}"
+                if entry[f"{name}_source"] not in (None, CONFIGURED):
+                    text += f" ({entry[f'{name}_source']})"
+                text += f" level={_fmt(entry[f'{name}_level'])}"
+                if f"{name}_budget_limit" in entry:
+                    text += (
+                        f" budget={entry[f'{name}_budget_limit']:g}/{describe_window(entry[f'{name}_budget_window'])}"
+                        f" ({entry[f'{name}_budget_source']}) left={_fmt(entry[f'{name}_budget_level'])}"
+                    )
+                limits.append(text)
             parts.append(
-                f"{model}: rpm={entry['requests_limit']} level={_fmt(entry['requests_level'])}, "
-                f"tpm={entry['tokens_limit']} level={_fmt(entry['tokens_level'])}, waiting={entry['waiting']:.0f}"
+                f"{model}: {', '.join(limits)}, waiting={entry['waiting']:.0f}"
+                + (f", cost x{entry['cost_factor']:.2f}" if entry["cost_factor"] != 1.0 else "")
                 + (f", paused {entry['paused_for']:.2f}s" if entry["paused_for"] else "")
             )
         default = f"rpm={self._default.rpm} tpm={self._default.tpm}"

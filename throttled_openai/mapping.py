@@ -251,7 +251,7 @@ class _Run:
         self.done = 0
         self.failed = 0
         self.latency = 0.0  # moving average of a request's seconds on the wire, waits excluded
-        self.stats0 = client.stats()
+        self.stats0 = client._stats.snapshot()
         self.progress = progress
 
     def target(self) -> int:
@@ -376,7 +376,7 @@ def _progress_reporter(progress: ProgressArg, total: Optional[int]) -> Reporter:
         callback = progress
 
         def report(run: _Run) -> None:
-            stats = run.client.stats()
+            stats = run.client._stats.snapshot()
             callback(
                 Progress(
                     done=run.done,
@@ -394,7 +394,7 @@ def _progress_reporter(progress: ProgressArg, total: Optional[int]) -> Reporter:
     bar = tqdm(total=total, unit="input", dynamic_ncols=True)
 
     def update(run: _Run) -> None:
-        stats = run.client.stats()
+        stats = run.client._stats.snapshot()
         bar.update(run.done - bar.n)
         bar.set_postfix(
             failed=run.failed,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field, replace
-from typing import Dict, Mapping
+from typing import Any, Dict, Mapping
 
 __all__ = ["Stats", "StatsSnapshot"]
 
@@ -18,7 +18,9 @@ class StatsSnapshot:
     (``rate_limit_requests``, ``rate_limit_tokens``, ``rate_limit_other``, ``quota``, ``too_large``);
     ``errors``: other failed attempts by kind; ``tokens_reserved``: estimated tokens booked per attempt;
     ``tokens_used``: tokens the responses' ``usage`` reported; ``wait_seconds`` / ``max_wait_seconds``:
-    total and longest time one attempt waited for capacity or backoff.
+    total and longest time one attempt waited for capacity or backoff; ``limits``: per model, the
+    limiter's view of its limits when the snapshot was taken (:meth:`RateLimiter.snapshot`: each
+    limit's window and source, budgets, the cost factor); empty from :class:`Stats` itself.
     """
 
     calls: int = 0
@@ -31,6 +33,7 @@ class StatsSnapshot:
     tokens_used: int = 0
     wait_seconds: float = 0.0
     max_wait_seconds: float = 0.0
+    limits: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     @property
     def total_429s(self) -> int:

@@ -4,8 +4,13 @@ The cost is what the request may consume from a tokens-per-minute limit: its inp
 output token it may generate (``n`` × the output cap), as in the OpenAI Cookbook's parallel processor.
 Input is counted with tiktoken for the request's model. When tiktoken or the model's encoding cannot be
 loaded (no network for the first download, an unknown model), the count falls back to ``cl100k_base``
-and then to one token per four characters, with a single warning: counting never fails a call. The
-estimate is settled against the response's real ``usage`` afterwards, so small errors do not accumulate.
+and then to one token per four characters, with a single warning: counting never fails a call.
+
+A text never counts below one token per four characters, tiktoken or not: OpenAI documents that its
+limit counts a request "based on the character count", not with tiktoken, and a lower estimate would
+let through calls the server refuses. What the server really counts is learned from its headers (the
+limiter's cost factor, ``windows.py``); the estimate is settled against the response's real ``usage``
+afterwards, so small errors do not accumulate.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import math
 import threading
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
-__all__ = ["DEFAULT_MAX_OUTPUT_TOKENS", "TokenCounter", "estimate_cost", "usage_tokens"]
+__all__ = ["DEFAULT_MAX_OUTPUT_TOKENS", "TokenCounter", "assumed_output_cap", "estimate_cost", "usage_tokens"]
 
 log = logging.getLogger("throttled_openai")
 
@@ -92,6 +97,11 @@ class TokenCounter:
         return encode
 
 
+def _admitted(text: str, model: Optional[str], counter: TokenCounter) -> int:
+    """Tokens ``text`` counts for admission: tiktoken's count, but never below the character-based one."""
+    return max(counter.count(text, model), _char_estimate(text)) if text else 0
+
+
 def _text_of(content: Any) -> str:
     """Text of a message content: a string, or the text parts of a list of content parts."""
     if isinstance(content, str):
@@ -104,14 +114,14 @@ def _text_of(content: Any) -> str:
 def _prompt_tokens(value: Any, model: Optional[str], counter: TokenCounter) -> tuple[int, int]:
     """(tokens, number of prompts) of a ``prompt``/``input``: str, list of str, tokens, list of tokens."""
     if isinstance(value, str):
-        return counter.count(value, model), 1
+        return _admitted(value, model, counter), 1
     if isinstance(value, Sequence) and not isinstance(value, (bytes, bytearray)):
         if value and all(isinstance(item, int) for item in value):
             return len(value), 1  # one prompt given as token ids
         total = 0
         for item in value:
             if isinstance(item, str):
-                total += counter.count(item, model)
+                total += _admitted(item, model, counter)
             elif isinstance(item, Sequence):
                 total += len(item)
         return total, max(len(value), 1)
@@ -128,11 +138,11 @@ def _messages_tokens(messages: Any, model: Optional[str], counter: TokenCounter)
         if isinstance(message, Mapping):
             for name, value in message.items():
                 if name == "content":
-                    total += counter.count(_text_of(value), model)
+                    total += _admitted(_text_of(value), model, counter)
                 elif isinstance(value, str):
-                    total += counter.count(value, model)
+                    total += _admitted(value, model, counter)
         else:
-            total += counter.count(_text_of(message), model)
+            total += _admitted(_text_of(message), model, counter)
     return total
 
 
@@ -176,9 +186,18 @@ def estimate_cost(endpoint: Optional[str], body: Mapping[str, Any], counter: Tok
     raw = body.get("input", "")
     tokens = _messages_tokens(raw, model, counter) if isinstance(raw, list) else _prompt_tokens(raw, model, counter)[0]
     if isinstance(body.get("instructions"), str):
-        tokens += counter.count(body["instructions"], model)
+        tokens += _admitted(body["instructions"], model, counter)
     cap = _int_field(body, "max_output_tokens")
     return tokens + (DEFAULT_MAX_OUTPUT_TOKENS["responses"] if cap is None else cap)
+
+
+def assumed_output_cap(endpoint: str, body: Mapping[str, Any]) -> Optional[int]:
+    """The output cap :func:`estimate_cost` assumed because ``body`` gave none, else ``None``."""
+    names = {"completions": ("max_tokens",), "chat": ("max_completion_tokens", "max_tokens")}
+    names["responses"] = ("max_output_tokens",)
+    if endpoint not in names or _int_field(body, *names[endpoint]) is not None:
+        return None
+    return DEFAULT_MAX_OUTPUT_TOKENS[endpoint]
 
 
 def usage_tokens(usage: Any) -> Optional[int]:

@@ -1,0 +1,118 @@
+"""Which window a limit in the headers covers, and what the server charged for a request.
+
+The ``x-ratelimit-limit-*`` headers do not say their window. Usually it is a minute, but recorded
+responses show per-day and longer limits there too (``limit-requests: 10000``, ``remaining: 9999``,
+``reset: 8.64s`` is 10,000 requests per day, not per minute). The reset gives it away: the server's
+bucket holds the whole limit and refills continuously over its window, so after using
+``limit - remaining`` units the bucket is full again in ``reset = window × (limit - remaining) /
+limit``. :func:`estimate_window` turns that around; :class:`WindowVote` takes the median of the last
+few estimates, so that one response skewed by concurrency, refill or rounding does not flip a limit.
+
+A window well above a minute makes that limit a *budget* of the limiter (never sent past); a window of
+about a minute or less (a server that enforces in one-second slices shows resets under a second) is a
+per-minute limit, as the headers are documented.
+
+The same reset tells what one request cost the server: right after a request sent into a full bucket,
+``reset × limit / window`` units are missing, and that is the server's own count of its cost, whatever
+that count is based on (characters, JSON bytes). :class:`Calibration` keeps the ratio of that count to
+our estimate.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import Deque, Optional
+
+__all__ = ["LONG_WINDOW_SECONDS", "MINUTE", "Calibration", "WindowVote", "estimate_window"]
+
+MINUTE = 60.0
+#: A window estimate at or above this many seconds makes a limit a long-window budget. Per-minute limits
+#: estimate at 60 s (or less when the server enforces in slices); per-day ones at about 86,400 s.
+LONG_WINDOW_SECONDS = 120.0
+_VOTES = 5  # estimates a window vote keeps
+_SAMPLES = 9  # cost ratios a calibration keeps
+#: The calibration factor stays within these bounds: a wrong sample must not stop (or flood) a limit.
+MIN_FACTOR, MAX_FACTOR = 0.8, 4.0
+_MIN_SAMPLE = 0.5  # a ratio below this is noise (a server that had not counted the request yet)
+
+
+def estimate_window(limit: float, remaining: Optional[float], reset: Optional[float]) -> Optional[float]:
+    """Seconds the limit's bucket takes to refill from empty: ``reset × limit / (limit - remaining)``.
+
+    ``None`` when it cannot be told: no reset or remaining, or nothing used (``remaining >= limit``).
+    """
+    if remaining is None or reset is None or remaining >= limit:
+        return None
+    return reset * limit / (limit - remaining)
+
+
+class WindowVote:
+    """The window of one header limit (requests or tokens of one model), from its last few estimates.
+
+    Not thread-safe: the limiter calls it under its lock.
+    """
+
+    __slots__ = ("_estimates",)
+
+    def __init__(self) -> None:
+        self._estimates: Deque[float] = deque(maxlen=_VOTES)
+
+    def add(self, estimate: Optional[float]) -> None:
+        if estimate is not None and math.isfinite(estimate):
+            self._estimates.append(estimate)
+
+    @property
+    def window(self) -> Optional[float]:
+        """The median estimate in seconds, or ``None`` before any."""
+        return _median(self._estimates) if self._estimates else None
+
+    @property
+    def long(self) -> bool:
+        """Whether the limit covers a window well above a minute (a budget, not a rate)."""
+        window = self.window
+        return window is not None and window >= LONG_WINDOW_SECONDS
+
+
+class Calibration:
+    """The ratio of the server's count of a request's tokens to our estimate of it, per model.
+
+    Samples come from requests the server counted alone (sent into a full per-minute bucket, nothing
+    else of ours in flight, so no refund of ours is pending either): their cost is what the reset shows
+    missing. A 429 message's ``Requested N`` is a sample too. :attr:`factor` is the median of the last
+    few, within [0.8, 4]; 1.0 before any sample. Other processes spending the same limit can only make
+    a sample higher (more missing than we sent), which errs on the safe side; a ratio outside [0.5, 4]
+    is taken for such noise and dropped, and the median keeps one skewed sample from moving the factor.
+
+    Not thread-safe: the limiter calls it under its lock.
+    """
+
+    __slots__ = ("_samples", "factor")
+
+    def __init__(self) -> None:
+        self._samples: Deque[float] = deque(maxlen=_SAMPLES)
+        self.factor = 1.0
+
+    @property
+    def samples(self) -> int:
+        return len(self._samples)
+
+    def add(self, charged: float, estimated: float) -> None:
+        """Record that the server counted ``charged`` tokens for a request we estimated at ``estimated``."""
+        if not (estimated > 0 and charged > 0 and math.isfinite(charged)):
+            return
+        ratio = charged / estimated
+        if not _MIN_SAMPLE <= ratio <= MAX_FACTOR:
+            return
+        self._samples.append(ratio)
+        self.factor = min(MAX_FACTOR, max(MIN_FACTOR, _median(self._samples)))
+
+    def charge(self, estimated: int) -> int:
+        """Our estimate in the server's units: what the limiter books."""
+        return estimated if self.factor == 1.0 else math.ceil(estimated * self.factor)
+
+
+def _median(values: Deque[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
