@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import re
 import struct
@@ -578,3 +579,295 @@ def test_azure(make_server: Callable[..., FakeOpenAI]) -> None:
     embedded = by_model.embeddings.create(model="emb-deployment", input="x")
     assert len(embedded.data[0].embedding) == 8
     assert server.requests_log[-1]["path"] == "/openai/deployments/emb-deployment/embeddings"
+
+
+# ----------------------------------------------------------------------------- modelling the real service
+
+
+def post(
+    server: FakeOpenAI, path: str, body: bytes, key: str = KEY
+) -> Tuple[int, List[Tuple[str, str]], Dict[str, Any]]:
+    """One raw HTTP POST: (status, every header as sent, in order and with repeats, JSON body)."""
+    conn = http.client.HTTPConnection(server.url[len("http://") :], timeout=10)
+    try:
+        conn.request("POST", path, body, {"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+        response = conn.getresponse()
+        return response.status, response.getheaders(), json.loads(response.read())
+    finally:
+        conn.close()
+
+
+def values(headers: List[Tuple[str, str]], name: str) -> List[str]:
+    return [value for key, value in headers if key.lower() == name]
+
+
+def go_seconds(text: str) -> float:
+    """Seconds in a Go duration such as ``12ms``, ``8.64s`` or ``2h50m16.357s``."""
+    if text.endswith("ms"):
+        return int(text[:-2]) / 1000
+    match = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(\d+(?:\.\d+)?)s", text)
+    assert match, text
+    hours, minutes, secs = match.groups()
+    return int(hours or 0) * 3600 + int(minutes or 0) * 60 + float(secs)
+
+
+def try_again(message: str) -> float:
+    match = re.search(r"Please try again in (\S+)\. Visit https://platform\.openai\.com/account/rate-limits", message)
+    assert match, message
+    return go_seconds(match.group(1))
+
+
+HELLO = 3 + 3 + count_tokens("user") + count_tokens("hello")  # chat() prompt tokens as tiktoken counts them
+
+
+def test_cost_model_chars(make_server: Callable[..., FakeOpenAI]) -> None:
+    server = make_server(tpm=100_000, cost_model="chars", settle_usage=False)
+    c = client(server)
+    messages: List[Any] = [
+        {"role": "user", "content": "hello world"},
+        {"role": "user", "name": "bob", "content": [{"type": "text", "text": "abc"}]},
+    ]
+    response = c.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=messages, max_tokens=10, n=2)
+    chars = len("user" + "hello world" + "user" + "bob" + "abc")  # 25 characters: 7 tokens
+    chat_cost = 7 + 2 * 10
+    assert response.headers["x-ratelimit-remaining-tokens"] == str(100_000 - chat_cost)
+    assert chat_cost == -(-chars // 4) + 20
+    usage = response.parse().usage
+    assert usage is not None  # usage stays the true (tiktoken) count
+    pieces = ["user", "hello world", "user", "bob", "abc"]
+    assert usage.prompt_tokens == 3 + 2 * 3 + sum(count_tokens(p) for p in pieces)
+    ids = c.completions.with_raw_response.create(model="m", prompt=[[1, 2, 3], [4, 5]], n=2, max_tokens=3)
+    assert ids.headers["x-ratelimit-remaining-tokens"] == str(100_000 - (5 + 2 * 2 * 3))  # one per token id
+    c.embeddings.create(model="e", input=["abcde", "xy"])  # 7 characters: 2 tokens, no output part
+    c.responses.create(model="r", input="hello responses", instructions="be brief", max_output_tokens=50)
+    costs = [cost for _, _, cost in server.admitted]
+    assert costs == [chat_cost, 5 + 12, 2, -(-len("hello responsesbe brief") // 4) + 50]
+    stats = server.stats()
+    assert stats["tokens_admitted"] == stats["tokens_charged"] == sum(costs)
+    embedded = count_tokens("abcde") + count_tokens("xy")
+    responded = count_tokens("hello responses") + count_tokens("be brief") + 5
+    assert stats["tokens_used"] == usage.total_tokens + (5 + 2 * 2 * 3) + embedded + responded
+
+
+def test_cost_model_json_bytes_and_validation(make_server: Callable[..., FakeOpenAI]) -> None:
+    server = make_server(tpm=100_000, cost_model="json_bytes")
+    payload = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "héllo wörld"}], "max_tokens": 7}
+    body = json.dumps(payload, ensure_ascii=False).encode()  # bytes, not characters, count
+    status, headers, answer = post(server, "/v1/chat/completions", body)
+    assert status == 200
+    cost = -(-len(body) // 4) + 7
+    assert values(headers, "x-ratelimit-remaining-tokens") == [str(100_000 - cost)]
+    assert server.admitted[0][2] == cost
+    used = answer["usage"]["total_tokens"]
+    assert used == 3 + 3 + count_tokens("user") + count_tokens("héllo wörld") + 5
+    stats = server.stats()  # settled before the response was sent: the bucket keeps the usage
+    assert (stats["tokens_admitted"], stats["tokens_charged"], stats["tokens_used"]) == (cost, used, used)
+    for bad in ({"cost_model": "words"}, {"headers_report": "hour"}, {"rpd": 0}, {"day_seconds": 0}):
+        with pytest.raises(ValueError):
+            FakeOpenAI(**bad)
+
+
+def test_day_headers(make_server: Callable[..., FakeOpenAI]) -> None:
+    server = make_server(rpm=600, tpm=100_000, rpd=200, headers_report="day")
+    response = client(server).chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "hello"}], max_tokens=10
+    )
+    h = response.headers
+    assert (h["x-ratelimit-limit-requests"], h["x-ratelimit-remaining-requests"]) == ("200", "199")
+    assert h["x-ratelimit-reset-requests"] == "7m12s"  # (200 - 199) * 86400 s / 200
+    assert h["x-ratelimit-limit-tokens"] == "100000"  # no daily token limit: the minute bucket
+    assert h["x-ratelimit-remaining-tokens"] == str(100_000 - HELLO - 10)
+    assert go_seconds(h["x-ratelimit-reset-tokens"]) == pytest.approx((HELLO + 10) * 60 / 100_000, abs=0.002)
+
+    both = make_server(rpm=600, rpd=10_000, tpd=1_000_000, headers_report="day", settle_usage=False)
+    h = (
+        client(both)
+        .chat.completions.with_raw_response.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "hello"}], max_tokens=10
+        )
+        .headers
+    )
+    assert (h["x-ratelimit-limit-requests"], h["x-ratelimit-reset-requests"]) == ("10000", "8.64s")
+    assert h["x-ratelimit-limit-tokens"] == "1000000"
+    assert h["x-ratelimit-remaining-tokens"] == str(1_000_000 - HELLO - 10)
+    assert h["x-ratelimit-reset-tokens"] == _go_duration((HELLO + 10) * 0.0864)
+
+    minute = make_server(rpm=600, rpd=200)  # headers_report="minute" by default
+    h = (
+        client(minute)
+        .chat.completions.with_raw_response.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "hello"}], max_tokens=10
+        )
+        .headers
+    )
+    assert (h["x-ratelimit-limit-requests"], h["x-ratelimit-remaining-requests"]) == ("600", "599")
+    assert h["x-ratelimit-reset-requests"] == "100ms"
+
+
+def test_rpd_refusal(make_server: Callable[..., FakeOpenAI]) -> None:
+    server = make_server(rpm=6, rpd=3)
+    c = client(server)
+    for _ in range(3):
+        chat(c, max_tokens=1)
+    with pytest.raises(openai.RateLimitError) as info:
+        chat(c, max_tokens=1)
+    error = info.value.response.json()["error"]
+    assert (error["type"], error["code"], error["param"]) == ("requests", "rate_limit_exceeded", None)
+    assert error["message"].startswith(
+        "Rate limit reached for gpt-4o-mini in organization org-fake on requests per day (RPD): "
+        "Limit 3, Used 3, Requested 1. Please try again in 7h59m"
+    ), error["message"]
+    assert 28_700 < try_again(error["message"]) <= 28_800  # one request refills in 86400 / 3 s
+    headers = info.value.response.headers
+    assert 28_700 < int(headers["retry-after"]) <= 28_800
+    assert headers["x-ratelimit-remaining-requests"] == "3"  # the refused request took no minute budget
+    assert server.stats()["rate_limited"] == 1 and server.stats()["admitted"] == 3
+    # a day bucket of another (key, model) pair is untouched
+    assert chat(client(server, key="sk-other"), max_tokens=1).choices
+
+
+def test_tpd_refusal_and_too_large(make_server: Callable[..., FakeOpenAI]) -> None:
+    server = make_server(tpd=1000, settle_usage=False)
+    c = client(server)
+    cost = HELLO + 400
+    chat(c, max_tokens=400)
+    chat(c, max_tokens=400)
+    with pytest.raises(openai.RateLimitError) as info:
+        chat(c, max_tokens=400)
+    error = info.value.response.json()["error"]
+    assert error["type"] == "tokens" and error["code"] == "rate_limit_exceeded"
+    assert (
+        f"on tokens per day (TPD): Limit 1000, Used {2 * cost}, Requested {cost}. Please try again in "
+        in error["message"]
+    )
+    assert try_again(error["message"]) == pytest.approx((3 * cost - 1000) * 86.4, abs=60)
+    with pytest.raises(openai.RateLimitError) as info:
+        chat(c, max_tokens=2000)
+    assert info.value.response.json()["error"]["message"] == (
+        f"Request too large for gpt-4o-mini in organization org-fake on tokens per day (TPD): Limit 1000, "
+        f"Requested {HELLO + 2000}. The input or output tokens must be reduced in order to run successfully. "
+        "Visit https://platform.openai.com/account/rate-limits to learn more."
+    )
+    assert "retry-after" not in info.value.response.headers
+    assert server.stats()["too_large"] == 1 and server.stats()["rate_limited"] == 1
+
+
+def test_short_day_refills(make_server: Callable[..., FakeOpenAI]) -> None:
+    server = make_server(rpd=4, day_seconds=2.0)  # 4 requests a "day" of 2 s: +2 per second
+    c = client(server)
+    error = drain(c)
+    assert re.search(
+        r"on requests per day \(RPD\): Limit 4, Used [34], Requested 1\.", error.response.json()["error"]["message"]
+    )
+    wait_s = int(error.response.headers["retry-after-ms"]) / 1000
+    assert 0 < wait_s <= 0.5
+    time.sleep(wait_s + 0.05)
+    assert chat(c, max_tokens=1).choices
+
+
+def test_message_without_used(make_server: Callable[..., FakeOpenAI]) -> None:
+    server = make_server(rpm=1, message_used=False)
+    c = client(server)
+    chat(c, max_tokens=1)
+    with pytest.raises(openai.RateLimitError) as info:
+        chat(c, max_tokens=1)
+    message = info.value.response.json()["error"]["message"]
+    assert re.match(
+        r"Rate limit reached for gpt-4o-mini in organization org-fake on requests per min \(RPM\): "
+        r"Limit 1, Requested 1\. Please try again in (\d+(\.\d+)?s|\d+ms)\. Visit https://",
+        message,
+    ), message
+    server.inject("429_message_only")
+    with pytest.raises(openai.RateLimitError) as info:
+        chat(client(server, key="sk-other"), max_tokens=1)
+    assert "(RPM): Limit 1, Requested 1. Please try again in 200ms." in info.value.response.json()["error"]["message"]
+
+
+def test_integer_resets(make_server: Callable[..., FakeOpenAI]) -> None:
+    server = make_server(rpm=600, tpm=100_000, integer_resets=True)
+    h = (
+        client(server)
+        .chat.completions.with_raw_response.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "hello"}], max_tokens=10
+        )
+        .headers
+    )
+    assert h["x-ratelimit-reset-requests"] == "100"  # 1 request at 10 per second: 100 ms
+    assert h["x-ratelimit-reset-tokens"] == str(-(-(HELLO + 10) * 60_000 // 100_000))  # ms, rounded up
+    assert h["x-ratelimit-limit-requests"] == "600"
+
+    azure_server = make_server(azure=True, rpm=600, rpd=200, integer_resets=True, headers_report="day")
+    azure = openai.AzureOpenAI(
+        azure_endpoint=azure_server.azure_endpoint, api_key=KEY, api_version="2024-06-01", max_retries=0
+    )
+    h = azure.chat.completions.with_raw_response.create(
+        model="dep", messages=[{"role": "user", "content": "x"}], max_tokens=1
+    ).headers
+    assert (h["x-ratelimit-remaining-requests"], h["x-ratelimit-reset-requests"]) == ("199", "432000")
+    assert not any(name.startswith("x-ratelimit-limit") for name in h)
+
+
+def test_extra_429_headers(make_server: Callable[..., FakeOpenAI]) -> None:
+    server = make_server(rpm=1, extra_429_headers={"Retry-After-Ms": "0", "x-ms-region": "test"})
+    body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]}).encode()
+    status, headers, _ = post(server, "/v1/chat/completions", body)
+    assert status == 200 and not values(headers, "x-ms-region")
+    status, headers, answer = post(server, "/v1/chat/completions", body)
+    assert status == 429 and answer["error"]["code"] == "rate_limit_exceeded"
+    [retry_after] = values(headers, "retry-after")
+    assert 55 <= int(retry_after) <= 60  # one request refills in 60 s
+    assert values(headers, "retry-after-ms") == ["0"]  # replaced, not repeated
+    assert values(headers, "x-ms-region") == ["test"]
+    server.inject("429")
+    status, headers, _ = post(server, "/v1/chat/completions", body, key="sk-other")
+    assert (status, values(headers, "retry-after-ms"), values(headers, "retry-after")) == (429, ["0"], ["1"])
+    server.inject("429_message_only")
+    status, headers, _ = post(server, "/v1/chat/completions", body, key="sk-other")
+    assert status == 429 and not values(headers, "x-ms-region")
+
+
+def test_request_above_capacity_but_within_limit(make_server: Callable[..., FakeOpenAI]) -> None:
+    server = make_server(tpm=6000, bucket_seconds=1.0, settle_usage=False)  # 100 tokens of burst, +100/s
+    c = client(server)
+    big = HELLO + 500
+    response = c.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "hello"}], max_tokens=500
+    )
+    assert response.headers["x-ratelimit-remaining-tokens"] == "0"  # admitted into the full bucket, now in debt
+    with pytest.raises(openai.RateLimitError) as info:
+        chat(c, max_tokens=500)
+    error = info.value.response.json()["error"]
+    assert re.match(
+        r"Rate limit reached for gpt-4o-mini in organization org-fake on tokens per min \(TPM\): "
+        rf"Limit 6000, Used \d+, Requested {big}\. Please try again in ",
+        error["message"],
+    ), error["message"]
+    wait = try_again(error["message"])  # until the bucket is full again: (100 + debt) / 100 per second
+    assert 2.0 < wait <= big / 100
+    assert int(info.value.response.headers["retry-after-ms"]) == round(wait * 1000)
+    with pytest.raises(openai.RateLimitError) as info:
+        chat(c, max_tokens=6000 - HELLO)  # exactly the limit: never "too large"
+    assert info.value.response.json()["error"]["message"].startswith("Rate limit reached for gpt-4o-mini")
+    with pytest.raises(openai.RateLimitError) as info:
+        chat(c, max_tokens=6001 - HELLO)
+    assert info.value.response.json()["error"]["message"].startswith(
+        "Request too large for gpt-4o-mini in organization org-fake on tokens per min (TPM): Limit 6000, "
+        "Requested 6001. The input or output tokens must be reduced"
+    )
+    stats = server.stats()
+    assert (stats["admitted"], stats["rate_limited"], stats["too_large"]) == (1, 2, 1)
+
+    # 100 tokens of burst, +1000/s: full again about 0.5 s after a big request
+    fast = make_server(tpm=60_000, bucket_seconds=0.1, settle_usage=False)
+    c = client(fast)
+    refusals: List[openai.RateLimitError] = []
+    for _ in range(20):
+        try:
+            chat(c, max_tokens=500)
+        except openai.RateLimitError as exc:
+            refusals.append(exc)
+            break
+    [refusal] = refusals
+    assert "(TPM): Limit 60000" in refusal.response.json()["error"]["message"]
+    time.sleep(int(refusal.response.headers["retry-after-ms"]) / 1000 + 0.02)
+    assert chat(c, max_tokens=500).choices  # the advertised wait is enough for a full bucket

@@ -2,8 +2,9 @@
 
 It speaks real HTTP/1.1 on 127.0.0.1 so tests exercise the real ``openai`` SDK (connection
 pooling, retries, error mapping) rather than mocks, and it enforces OpenAI-style per-minute
-request and token limits with token buckets, so a client that is too fast gets real 429s with
-real headers.  Standard library only (plus optional tiktoken for token counting).
+(and optionally per-day) request and token limits with token buckets, so a client that is too
+fast gets real 429s with real headers.  Standard library only (plus optional tiktoken for token
+counting).
 
     from throttled_openai.testing import FakeOpenAI
 
@@ -38,7 +39,7 @@ from dataclasses import dataclass, field
 from functools import cache, lru_cache
 from typing import Any, Callable, Collection, Deque, Dict, List, Mapping, Optional, Set, Tuple, Union, cast
 
-__all__ = ["FAULTS", "FakeOpenAI", "RedisServer", "count_tokens"]
+__all__ = ["COST_MODELS", "FAULTS", "FakeOpenAI", "RedisServer", "count_tokens"]
 
 #: Fault names accepted by :meth:`FakeOpenAI.inject` and ``fault_rates``.
 FAULTS = frozenset(
@@ -63,6 +64,15 @@ _FAULT_RETRY_S = 0.2  # wait advertised by injected 429s, seconds: short so retr
 _ENDPOINTS = frozenset({"completions", "chat/completions", "embeddings", "responses", "models"})
 _MODELS = ("gpt-4o-mini", "gpt-3.5-turbo-instruct", "text-embedding-3-small")
 _RL_DOCS = "Visit https://platform.openai.com/account/rate-limits to learn more."
+COST_MODELS = frozenset({"tiktoken", "chars", "json_bytes"})
+_HEADERS_REPORTS = frozenset({"minute", "day"})
+# bucket unit -> (error "type", the words OpenAI's 429 messages use for it)
+_UNITS = {
+    "RPM": ("requests", "requests per min (RPM)"),
+    "TPM": ("tokens", "tokens per min (TPM)"),
+    "RPD": ("requests", "requests per day (RPD)"),
+    "TPD": ("tokens", "tokens per day (TPD)"),
+}
 _EPS = 1e-6  # tolerance, in bucket units, so a client that waits exactly "try again in" gets in
 
 JSONDict = Dict[str, Any]
@@ -128,6 +138,11 @@ def _go_duration(seconds: float) -> str:
     return f"{minutes}m{sec}" if minutes else sec
 
 
+def _ms(seconds: float) -> int:
+    """Whole milliseconds, rounded up (with the same tolerance as :func:`_go_duration`), >= 0."""
+    return max(0, math.ceil(seconds * 1000 - _EPS))
+
+
 def _num(value: float) -> str:
     """Render a limit: ``600`` rather than ``600.0``."""
     return str(int(value)) if float(value).is_integer() else str(round(value, 3))
@@ -177,6 +192,12 @@ def _is_tokens(value: Any) -> bool:
     )
 
 
+def _text_size(items: List[Tuple[Union[str, List[int]], int]]) -> Tuple[int, int]:
+    """(characters of the string items, token ids in the token-id items) of split inputs."""
+    chars = sum(len(item) for item, _ in items if isinstance(item, str))
+    return chars, sum(tokens for item, tokens in items if not isinstance(item, str))
+
+
 def _split_inputs(value: Any, param: str) -> List[Tuple[Union[str, List[int]], int]]:
     """Split a prompt/input (str, [str], [int] or [[int]]) into (item, token count) pairs."""
     if isinstance(value, str):
@@ -210,9 +231,13 @@ def _embedding(item: Union[str, List[int]], dims: int) -> List[float]:
 
 @dataclass
 class _Bucket:
-    """A token bucket: ``capacity`` units, refilled continuously at ``rate`` units per second."""
+    """A token bucket: ``capacity`` units, refilled continuously at ``rate`` units per second.
 
-    limit: float  # the advertised per-minute limit
+    ``level`` may be negative (debt) after a request larger than ``capacity`` was admitted.
+    """
+
+    unit: str  # "RPM", "TPM", "RPD" or "TPD": which limit it enforces (see _UNITS)
+    limit: float  # the advertised limit, per minute or per day
     capacity: float
     rate: float
     level: float
@@ -227,6 +252,13 @@ class _Bucket:
         """Seconds until the bucket holds ``amount``."""
         return max(0.0, (amount - self.level) / self.rate)
 
+    def need(self, amount: float) -> float:
+        """Level at which ``amount`` is admitted: ``amount``, or a full bucket when it is larger."""
+        return min(amount, self.capacity)
+
+    def fits(self, amount: float) -> bool:
+        return self.level >= self.need(amount) - _EPS
+
     def reset_in(self) -> float:
         """Seconds until the bucket is full again."""
         return max(0.0, (self.capacity - self.level) / self.rate)
@@ -234,10 +266,19 @@ class _Bucket:
 
 @dataclass
 class _Pair:
-    """Rate-limit state for one (api key, model) pair; None = unlimited resource."""
+    """Rate-limit state for one (api key, model) pair; None = no such limit."""
 
     req: Optional[_Bucket]
     tok: Optional[_Bucket]
+    req_day: Optional[_Bucket] = None
+    tok_day: Optional[_Bucket] = None
+
+    def buckets(self) -> List[_Bucket]:
+        return [b for b in (self.req, self.tok, self.req_day, self.tok_day) if b is not None]
+
+    def charges(self, cost: int) -> List[Tuple[_Bucket, int]]:
+        """(bucket, amount) a request of admission cost ``cost`` takes: 1 request, ``cost`` tokens."""
+        return [(b, 1 if b.unit[0] == "R" else cost) for b in self.buckets()]
 
 
 @dataclass
@@ -245,9 +286,29 @@ class _Job:
     """A validated API request: what it costs and how to render its successful response."""
 
     model: str
-    cost: int  # admission cost, tokens
+    input_tokens: int  # the input as tiktoken counts it (with chat's per-message overhead)
+    input_chars: int  # characters of the input's text fields
+    input_ids: int  # token ids given as the input (token-id prompts)
+    output_tokens: int  # output the request may generate: n * max_tokens (per prompt)
     usage_total: int  # tokens the response will report as used
     render: Callable[[str], _Reply]  # fault name ("" for none) -> reply
+    cost: int = 0  # admission cost in the server's cost model, set by FakeOpenAI._process
+
+
+def _admission_cost(cost_model: str, job: _Job, body: bytes) -> int:
+    """Tokens a request costs at admission: an input estimate plus the output it may generate.
+
+    The input estimate is, by ``cost_model``: "tiktoken", the encoder's count; "chars",
+    ceil(characters of the text fields / 4) + the number of token ids; "json_bytes",
+    ceil(bytes of the raw JSON body / 4).
+    """
+    if cost_model == "chars":
+        estimate = -(-job.input_chars // 4) + job.input_ids
+    elif cost_model == "json_bytes":
+        estimate = -(-len(body) // 4)
+    else:
+        estimate = job.input_tokens
+    return estimate + job.output_tokens
 
 
 @dataclass
@@ -275,19 +336,39 @@ class FakeOpenAI:
     routes over real HTTP/1.1 with keep-alive, so the real ``openai`` SDK can be pointed at
     :attr:`base_url`.  Each generated text is ``echo:<prompt prefix>#<sample>``.
 
-    Every (api key, model) pair has two token buckets, requests (cost 1) and tokens (the
-    admission cost: prompt tokens + the most completion tokens the request may generate).
-    Both are checked and then taken together; a request that does not fit gets a 429 like
-    OpenAI's, with ``x-ratelimit-*`` headers, ``retry-after`` and the exact "try again in".
+    Every (api key, model) pair has a requests bucket (cost 1) and a tokens bucket (cost: the
+    admission cost, an input estimate + the most output tokens the request may generate, see
+    ``cost_model``) per minute, and optionally per day.  A request is admitted when every
+    bucket holds its cost, or is full when the cost exceeds the bucket's capacity (the level
+    then goes negative: debt); all buckets are taken together.  Otherwise it gets a 429 like
+    OpenAI's, with ``x-ratelimit-*`` headers, ``retry-after`` and the exact "try again in",
+    naming the bucket that needs the longest wait.  A cost above a whole token limit (TPM or
+    TPD) gets "Request too large", which no wait can cure.
 
     Args (keyword-only):
         rpm, tpm: requests / tokens per minute for every (api key, model) pair; None = unlimited
-            (and no ``x-ratelimit-*`` headers for that resource).
+            (and no per-minute ``x-ratelimit-*`` headers for that resource).
         limits: per-model ``(rpm, tpm)`` overrides (for Azure the deployment name is the model).
-        bucket_seconds: seconds of budget a bucket holds: capacity = limit * bucket_seconds / 60
-            (the request bucket holds at least 1 request), refilled continuously at limit / 60 per
-            second, starting full.  60 models OpenAI's headers; 1.0 is a strict server allowing
-            only about one second of burst.
+        bucket_seconds: seconds of budget a per-minute bucket holds: capacity = limit *
+            bucket_seconds / 60 (the request bucket holds at least 1 request), refilled
+            continuously at limit / 60 per second, starting full.  60 models OpenAI's headers;
+            1.0 is a strict server allowing only about one second of burst.  A request costing
+            more than the capacity but at most the limit is admitted only into a full bucket.
+        rpd, tpd: requests / tokens per day for every (api key, model) pair; None = no daily
+            limit.  Each is a bucket holding the whole limit, refilled continuously at
+            limit / ``day_seconds`` per second, starting full.  Refusals say "requests per day
+            (RPD)" / "tokens per day (TPD)".
+        day_seconds: seconds in a "day" of the daily buckets (shrink it in tests).
+        headers_report: which buckets the ``x-ratelimit-limit/remaining/reset-*`` headers
+            describe: "minute", or "day" (the daily bucket where there is one, else the
+            per-minute one; limit = the daily limit, reset = (limit - remaining) * day_seconds
+            / limit, e.g. ``7m12s`` after 1 of 200 requests), as real headers sometimes do.
+        cost_model: how the admission cost's input part is counted (the output part is always
+            n * max_tokens, per prompt): "tiktoken", the cl100k count with chat's per-message
+            overhead; "chars", OpenAI's documented estimate: ceil(characters of the text fields
+            / 4) + one per token id of token-id inputs; "json_bytes", as OpenAI-compatible
+            servers do: ceil(bytes of the raw JSON body / 4).  ``usage`` in responses is always
+            the tiktoken count.
         latency: seconds slept before every response (outside any lock).
         latency_jitter: extra uniform 0..latency_jitter seconds per response.
         seed: seed of the single ``random.Random`` behind jitter, shuffling and ``fault_rates``.
@@ -297,17 +378,25 @@ class FakeOpenAI:
             ``max_tokens`` exceed it gets OpenAI's 400 "maximum context length" error (the whole
             request fails, as a batch with one bad prompt does).
         settle_usage: after admission, refund (admission cost - reported total usage) to the
-            token bucket (capped at capacity) just before the response is sent; False keeps the
-            admission estimate charged.
+            token buckets (capped at capacity; negative when the usage is the larger) just
+            before the response is sent; False keeps the admission cost charged.
         quota_tokens: total tokens (by reported usage) a key may spend over the server's life;
             once spent every request of that key gets 429 ``insufficient_quota``.
-        count_rejected: a rate-limited request still takes one request from its bucket
-            (never below zero), punishing clients that retry without waiting.
+        count_rejected: a rate-limited request still takes one request from its per-minute
+            bucket (never below zero), punishing clients that retry without waiting.
         retry_after: send ``retry-after`` (whole seconds, rounded up, at least 1) and
             ``retry-after-ms`` on rate-limit 429s.
         azure: Azure quirks: 429s send ``retry-after-ms`` and ``x-ms-retry-after-ms`` (no
             ``retry-after``); rate-limit headers are only ``x-ratelimit-remaining-requests`` and
-            ``x-ratelimit-remaining-tokens``.
+            ``x-ratelimit-remaining-tokens`` (and the resets with ``integer_resets``).
+        message_used: 429 messages include "Used N, " (False: ``Limit 3, Requested 1.``, as
+            older real bodies do).
+        integer_resets: send ``x-ratelimit-reset-requests`` / ``-tokens`` as bare integer
+            milliseconds, rounded up (``"500"``), as Azure does, instead of Go durations; also
+            with ``azure``.
+        extra_429_headers: headers added to every rate-limit 429 (refusals and the injected
+            ``"429"`` fault, not "Request too large", quota or ``"429_message_only"``),
+            replacing same-named ones (case-insensitive), e.g. ``{"retry-after-ms": "0"}``.
         api_keys: accepted keys; other keys get 401 ``invalid_api_key`` (the key is masked in the
             message).  A request without a key always gets 401.
         fault_rates: fault name -> probability per API request (see :data:`FAULTS`), drawn from
@@ -341,21 +430,40 @@ class FakeOpenAI:
         api_keys: Optional[Collection[str]] = None,
         fault_rates: Optional[Mapping[str, float]] = None,
         slow_seconds: float = 5.0,
+        cost_model: str = "tiktoken",
+        rpd: Optional[float] = None,
+        tpd: Optional[float] = None,
+        day_seconds: float = 86_400.0,
+        headers_report: str = "minute",
+        message_used: bool = True,
+        integer_resets: bool = False,
+        extra_429_headers: Optional[Mapping[str, str]] = None,
         host: str = "127.0.0.1",
         port: int = 0,
         log_size: int = 10_000,
     ) -> None:
-        for name, pair in [("default", (rpm, tpm)), *(limits or {}).items()]:
+        for name, pair in [("default", (rpm, tpm)), ("per day", (rpd, tpd)), *(limits or {}).items()]:
             for value in pair:
                 if value is not None and not value > 0:
                     raise ValueError(f"limits must be positive or None, got {value!r} for {name}")
-        if not bucket_seconds > 0:
-            raise ValueError("bucket_seconds must be positive")
+        if not bucket_seconds > 0 or not day_seconds > 0:
+            raise ValueError("bucket_seconds and day_seconds must be positive")
+        if cost_model not in COST_MODELS:
+            raise ValueError(f"unknown cost_model {cost_model!r}; expected one of {sorted(COST_MODELS)}")
+        if headers_report not in _HEADERS_REPORTS:
+            raise ValueError(f"unknown headers_report {headers_report!r}; expected 'minute' or 'day'")
         if latency < 0 or latency_jitter < 0 or slow_seconds < 0:
             raise ValueError("latency, latency_jitter and slow_seconds must be >= 0")
         self._default_limits: Tuple[Optional[float], Optional[float]] = (rpm, tpm)
         self._limits = dict(limits or {})
         self._bucket_seconds = float(bucket_seconds)
+        self._day_limits = (rpd, tpd)
+        self._day_seconds = float(day_seconds)
+        self._cost_model = cost_model
+        self._headers_report = headers_report
+        self._message_used = message_used
+        self._integer_resets = integer_resets
+        self._extra_429_headers = dict(extra_429_headers or {})
         self._latency = float(latency)
         self._jitter = float(latency_jitter)
         self._shuffle = shuffle
@@ -380,10 +488,8 @@ class FakeOpenAI:
         self._pairs: Dict[Tuple[str, str], _Pair] = {}
         self._spent: Dict[str, int] = {}
         self._faults: List[List[Any]] = []  # [fault, remaining count, path suffix or None]
-        self._stats = dict.fromkeys(
-            ("requests", "admitted", "rate_limited", "too_large", "quota", "faults", "tokens_charged", "bad_requests"),
-            0,
-        )
+        counters = ["requests", "admitted", "rate_limited", "too_large", "quota", "faults", "bad_requests"]
+        self._stats = dict.fromkeys([*counters, "tokens_admitted", "tokens_charged", "tokens_used"], 0)
         self._admitted: Deque[Tuple[float, str, int]] = collections.deque(maxlen=log_size)
         self._requests: Deque[JSONDict] = collections.deque(maxlen=log_size)
         self._ids = itertools.count(1)
@@ -493,8 +599,11 @@ class FakeOpenAI:
     def stats(self) -> Dict[str, int]:
         """Counters: ``requests`` (HTTP requests received), ``admitted``, ``rate_limited``
         (rate-limit 429s incl. injected), ``too_large``, ``quota``, ``faults`` (faults applied),
-        ``tokens_charged`` (admission costs minus settlement refunds, tokens) and
-        ``bad_requests`` (400, 401 and 404 responses)."""
+        ``bad_requests`` (400, 401 and 404 responses), and tokens of admitted requests:
+        ``tokens_admitted`` (admission costs, in ``cost_model`` units), ``tokens_charged``
+        (what the token buckets keep: admission costs minus settlement refunds; equals
+        ``tokens_used`` once all settled with ``settle_usage``) and ``tokens_used`` (reported
+        ``usage`` totals).  Throughput in the server's units: ``tokens_charged`` / seconds."""
         with self._lock:
             return dict(self._stats)
 
@@ -508,7 +617,8 @@ class FakeOpenAI:
 
     @property
     def admitted(self) -> List[Tuple[float, str, int]]:
-        """Snapshot of the last ``log_size`` admissions: (time.monotonic(), model, admission cost)."""
+        """Snapshot of the last ``log_size`` admissions: (time.monotonic(), model, admission cost
+        in ``cost_model`` units, before any settlement)."""
         with self._lock:
             return list(self._admitted)
 
@@ -573,10 +683,11 @@ class FakeOpenAI:
             model = deployment or body.get("model")
             if not isinstance(model, str) or not model:
                 raise _BadRequest("you must provide a model parameter", "model")
-            job = getattr(self, "_job_" + endpoint.replace("/", "_"))(body, model)
+            job = cast(_Job, getattr(self, "_job_" + endpoint.replace("/", "_"))(body, model))
         except _BadRequest as exc:
             return self._bad(400, _error(exc.message, "invalid_request_error", param=exc.param))
-        return self._admit(key, path, cast(_Job, job))
+        job.cost = _admission_cost(self._cost_model, job, raw)
+        return self._admit(key, path, job)
 
     @staticmethod
     def _route(method: str, path: str) -> Optional[Tuple[str, Optional[str]]]:
@@ -680,22 +791,23 @@ class FakeOpenAI:
                 },
             )
 
-        return _Job(model, prompt_tokens + len(prompts) * n * max_tokens, prompt_tokens + completion, render)
+        chars, ids = _text_size(prompts)
+        output = len(prompts) * n * max_tokens
+        return _Job(model, prompt_tokens, chars, ids, output, prompt_tokens + completion, render)
 
     def _job_chat_completions(self, body: JSONDict, model: str) -> _Job:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise _BadRequest("Missing required parameter: 'messages'.", "messages")
-        prompt_tokens = 3
+        prompt_tokens, chars = 3, 0
         for message in messages:
             if not isinstance(message, dict):
                 raise _BadRequest("Invalid type for 'messages': expected a list of objects.", "messages")
             prompt_tokens += 3
             for name, value in message.items():
-                if isinstance(value, str):
-                    prompt_tokens += count_tokens(value)
-                elif name == "content":
-                    prompt_tokens += count_tokens(_content_text(value))
+                text = value if isinstance(value, str) else _content_text(value) if name == "content" else ""
+                prompt_tokens += count_tokens(text)
+                chars += len(text)
         n = _int_param(body, "n", 1, 1)
         if body.get("max_completion_tokens") is not None:
             max_tokens = _int_param(body, "max_completion_tokens", 1024, 0)
@@ -749,7 +861,7 @@ class FakeOpenAI:
             headers = [("Content-Type", "text/event-stream; charset=utf-8"), ("Cache-Control", "no-cache")]
             return _Reply(200, headers=headers, chunks=chunks)
 
-        return _Job(model, prompt_tokens + n * max_tokens, prompt_tokens + n * per_choice, render)
+        return _Job(model, prompt_tokens, chars, 0, n * max_tokens, prompt_tokens + n * per_choice, render)
 
     def _job_embeddings(self, body: JSONDict, model: str) -> _Job:
         if body.get("input") is None:
@@ -775,24 +887,27 @@ class FakeOpenAI:
             }
             return _json_reply(200, payload)
 
-        return _Job(model, tokens, tokens, render)
+        chars, ids = _text_size(inputs)
+        return _Job(model, tokens, chars, ids, 0, tokens, render)
 
     def _job_responses(self, body: JSONDict, model: str) -> _Job:
         inp = body.get("input")
         if isinstance(inp, str):
-            input_tokens, text = count_tokens(inp), inp
+            input_tokens, text, chars = count_tokens(inp), inp, len(inp)
         elif isinstance(inp, list) and inp:
-            input_tokens, text = 0, ""
+            input_tokens, text, chars = 0, "", 0
             for item in inp:
                 if not isinstance(item, (str, dict)):
                     raise _BadRequest("Invalid type for 'input': expected a list of input items.", "input")
                 text = item if isinstance(item, str) else _content_text(item.get("content"))
                 input_tokens += count_tokens(text) + (3 if isinstance(item, dict) else 0)
+                chars += len(text)
         else:
             raise _BadRequest("Missing required parameter: 'input'.", "input")
         instructions = body.get("instructions")
         if isinstance(instructions, str):
             input_tokens += count_tokens(instructions)
+            chars += len(instructions)
         if body.get("stream"):
             raise _BadRequest("FakeOpenAI does not support stream for responses.", "stream")
         max_output = _int_param(body, "max_output_tokens", 1024, 0)
@@ -834,7 +949,7 @@ class FakeOpenAI:
             }
             return _json_reply(200, payload)
 
-        return _Job(model, input_tokens + max_output, input_tokens + output_tokens, render)
+        return _Job(model, input_tokens, chars, 0, max_output, input_tokens + output_tokens, render)
 
     @staticmethod
     def _damage(items: List[JSONDict], fault: str) -> List[JSONDict]:
@@ -852,45 +967,58 @@ class FakeOpenAI:
         pair = self._pairs.get((key, model))
         if pair is None:
             rpm, tpm = self._limits.get(model, self._default_limits)
-            scale = self._bucket_seconds / 60.0
-            req = _Bucket(rpm, max(rpm * scale, 1.0), rpm / 60, 0, now) if rpm else None
-            tok = _Bucket(tpm, tpm * scale, tpm / 60, 0, now) if tpm else None
-            for bucket in (req, tok):
-                if bucket is not None:
-                    bucket.level = bucket.capacity
-            pair = self._pairs[(key, model)] = _Pair(req, tok)
-        for bucket in (pair.req, pair.tok):
-            if bucket is not None:
-                bucket.refill(now)
+            rpd, tpd = self._day_limits
+            scale, day = self._bucket_seconds / 60.0, self._day_seconds
+            pair = self._pairs[(key, model)] = _Pair(
+                _Bucket("RPM", rpm, max(rpm * scale, 1.0), rpm / 60, 0, now) if rpm else None,
+                _Bucket("TPM", tpm, tpm * scale, tpm / 60, 0, now) if tpm else None,
+                _Bucket("RPD", rpd, rpd, rpd / day, 0, now) if rpd else None,
+                _Bucket("TPD", tpd, tpd, tpd / day, 0, now) if tpd else None,
+            )
+            for bucket in pair.buckets():
+                bucket.level = bucket.capacity
+        for bucket in pair.buckets():
+            bucket.refill(now)
         return pair
 
     def _rl_headers(self, pair: _Pair) -> List[Tuple[str, str]]:
         """``x-ratelimit-*`` headers describing the pair's current state; called under the lock."""
+        day = self._headers_report == "day"
         headers = []
-        for suffix, bucket in (("requests", pair.req), ("tokens", pair.tok)):
+        for suffix, minute, daily in (("requests", pair.req, pair.req_day), ("tokens", pair.tok, pair.tok_day)):
+            bucket = daily if day and daily is not None else minute
             if bucket is None:
                 continue
             remaining = str(max(0, math.floor(bucket.level + _EPS)))
-            if self._azure:
-                headers.append((f"x-ratelimit-remaining-{suffix}", remaining))
+            if self._integer_resets:
+                reset: Optional[str] = str(_ms(bucket.reset_in()))
             else:
-                headers += [
-                    (f"x-ratelimit-limit-{suffix}", _num(bucket.limit)),
-                    (f"x-ratelimit-remaining-{suffix}", remaining),
-                    (f"x-ratelimit-reset-{suffix}", _go_duration(bucket.reset_in())),
-                ]
+                reset = None if self._azure else _go_duration(bucket.reset_in())
+            if not self._azure:
+                headers.append((f"x-ratelimit-limit-{suffix}", _num(bucket.limit)))
+            headers.append((f"x-ratelimit-remaining-{suffix}", remaining))
+            if reset is not None:
+                headers.append((f"x-ratelimit-reset-{suffix}", reset))
         return headers
 
     def _retry_headers(self, wait: float) -> List[Tuple[str, str]]:
         if not self._retry_after:
             return []
-        ms = str(max(1, math.ceil(wait * 1000 - _EPS)))
+        ms = str(max(1, _ms(wait)))
         if self._azure:
             return [("retry-after-ms", ms), ("x-ms-retry-after-ms", ms)]
         return [("retry-after", str(max(1, math.ceil(wait - _EPS)))), ("retry-after-ms", ms)]
 
+    def _limited(self, pair: _Pair, payload: JSONDict, wait: float, headers: List[Tuple[str, str]]) -> _Reply:
+        """A rate-limit 429: ``x-ratelimit-*`` and retry headers, then ``extra_429_headers``; under the lock."""
+        headers = headers + self._rl_headers(pair) + self._retry_headers(wait)
+        if self._extra_429_headers:
+            names = {name.lower() for name in self._extra_429_headers}
+            headers = [h for h in headers if h[0].lower() not in names] + list(self._extra_429_headers.items())
+        return _json_reply(429, payload, headers)
+
     def _admit(self, key: str, path: str, job: _Job) -> _Reply:
-        """Fault decision, quota and both buckets, under one brief lock acquisition."""
+        """Fault decision, quota and every bucket, under one brief lock acquisition."""
         model, cost = job.model, job.cost
         headers = [("x-request-id", self._request_id())]
         with self._lock:
@@ -904,30 +1032,28 @@ class FakeOpenAI:
             if self._quota is not None and self._spent.get(key, 0) >= self._quota:
                 self._stats["quota"] += 1
                 return _json_reply(429, _quota_error(), headers)
-            tok = pair.tok
-            if tok is not None and cost > tok.capacity + _EPS:
-                self._stats["too_large"] += 1
-                return _json_reply(429, _too_large_error(model, tok.limit, cost), headers + self._rl_headers(pair))
-            req_short = pair.req is not None and pair.req.level < 1 - _EPS
-            tok_short = tok is not None and tok.level < cost - _EPS
-            if req_short or tok_short:
+            charges = pair.charges(cost)
+            for bucket, amount in charges:  # more tokens than a whole limit: can never succeed
+                if bucket.unit[0] == "T" and amount > bucket.limit + _EPS:
+                    self._stats["too_large"] += 1
+                    payload = _too_large_error(model, bucket.unit, bucket.limit, cost)
+                    return _json_reply(429, payload, headers + self._rl_headers(pair))
+            if not all(bucket.fits(amount) for bucket, amount in charges):
                 self._stats["rate_limited"] += 1
                 if self._count_rejected and pair.req is not None:
                     pair.req.level = max(0.0, pair.req.level - 1)
-                waits = []
-                if pair.req is not None and pair.req.level < 1 - _EPS:
-                    waits.append((pair.req.wait_for(1), "requests", pair.req, 1))
-                if tok is not None and tok_short:
-                    waits.append((tok.wait_for(cost), "tokens", tok, cost))
-                wait, kind, bucket, requested = max(waits, key=lambda w: w[0])
-                used = max(0, round(bucket.capacity - bucket.level))
-                payload = _rate_limit_error(model, kind, bucket.limit, used, requested, wait)
-                return _json_reply(429, payload, headers + self._rl_headers(pair) + self._retry_headers(wait))
-            for taken, amount in ((pair.req, 1), (tok, cost)):
-                if taken is not None:
-                    taken.level -= amount
+                # the message names the bucket that needs the longest wait
+                waits = [(b.wait_for(b.need(a)), b, a) for b, a in charges if not b.fits(a)]
+                wait, bucket, amount = max(waits, key=lambda w: w[0])
+                used = max(0, round(bucket.capacity - bucket.level)) if self._message_used else None
+                payload = _rate_limit_error(model, bucket.unit, bucket.limit, used, amount, wait)
+                return self._limited(pair, payload, wait, headers)
+            for bucket, amount in charges:  # all together; a level may go negative (debt)
+                bucket.level -= amount
             self._stats["admitted"] += 1
+            self._stats["tokens_admitted"] += cost
             self._stats["tokens_charged"] += cost
+            self._stats["tokens_used"] += job.usage_total
             self._admitted.append((now, model, cost))
             self._spent[key] = self._spent.get(key, 0) + job.usage_total
             headers += self._rl_headers(pair)
@@ -960,16 +1086,19 @@ class FakeOpenAI:
         if fault == "too_large":
             self._stats["too_large"] += 1
             limit = pair.tok.limit if pair.tok is not None else max(1, job.cost - 1)
-            return _json_reply(429, _too_large_error(job.model, limit, job.cost), headers + self._rl_headers(pair))
+            payload = _too_large_error(job.model, "TPM", limit, job.cost)
+            return _json_reply(429, payload, headers + self._rl_headers(pair))
         self._stats["rate_limited"] += 1
         limit = pair.req.limit if pair.req is not None else 1
-        payload = _rate_limit_error(job.model, "requests", limit, limit, 1, _FAULT_RETRY_S)
+        used = limit if self._message_used else None
+        payload = _rate_limit_error(job.model, "RPM", limit, used, 1, _FAULT_RETRY_S)
         if fault == "429":
-            headers = headers + self._rl_headers(pair) + self._retry_headers(_FAULT_RETRY_S)
+            return self._limited(pair, payload, _FAULT_RETRY_S, headers)
         return _json_reply(429, payload, headers)
 
     def _settle(self, reply: _Reply) -> None:
-        """Refund the unused part of the admission estimate to the token bucket."""
+        """Refund the unused part of the admission estimate to the token buckets (a negative
+        refund, when the usage exceeds the estimate, charges the difference)."""
         if reply.settle is None:
             return
         (key, model), refund = reply.settle
@@ -977,8 +1106,9 @@ class FakeOpenAI:
         with self._lock:
             self._stats["tokens_charged"] -= refund
             pair = self._pair(key, model, time.monotonic())
-            if pair.tok is not None:
-                pair.tok.level = min(pair.tok.capacity, pair.tok.level + refund)
+            for bucket in (pair.tok, pair.tok_day):
+                if bucket is not None:
+                    bucket.level = min(bucket.capacity, bucket.level + refund)
 
     def _delay(self, reply: _Reply) -> float:
         """Seconds to sleep before sending ``reply``."""
@@ -1009,20 +1139,25 @@ def _quota_error() -> JSONDict:
     )
 
 
-def _too_large_error(model: str, limit: float, cost: int) -> JSONDict:
+def _too_large_error(model: str, unit: str, limit: float, cost: int) -> JSONDict:
+    """OpenAI's 429 for a request above a whole token limit; ``unit`` is "TPM" or "TPD"."""
     return _error(
-        f"Request too large for {model} in organization org-fake on tokens per min (TPM): Limit {_num(limit)}, "
+        f"Request too large for {model} in organization org-fake on {_UNITS[unit][1]}: Limit {_num(limit)}, "
         f"Requested {cost}. The input or output tokens must be reduced in order to run successfully. {_RL_DOCS}",
         "tokens",
         code="rate_limit_exceeded",
     )
 
 
-def _rate_limit_error(model: str, kind: str, limit: float, used: float, requested: int, wait: float) -> JSONDict:
-    unit = "requests per min (RPM)" if kind == "requests" else "tokens per min (TPM)"
+def _rate_limit_error(
+    model: str, unit: str, limit: float, used: Optional[float], requested: int, wait: float
+) -> JSONDict:
+    """OpenAI's rate-limit 429 body for the bucket ``unit`` (see _UNITS); ``used`` None omits "Used N, "."""
+    kind, words = _UNITS[unit]
+    used_part = "" if used is None else f"Used {_num(used)}, "
     return _error(
-        f"Rate limit reached for {model} in organization org-fake on {unit}: Limit {_num(limit)}, "
-        f"Used {_num(used)}, Requested {requested}. Please try again in {_go_duration(wait)}. {_RL_DOCS}",
+        f"Rate limit reached for {model} in organization org-fake on {words}: Limit {_num(limit)}, "
+        f"{used_part}Requested {requested}. Please try again in {_go_duration(wait)}. {_RL_DOCS}",
         kind,
         code="rate_limit_exceeded",
     )
