@@ -355,7 +355,7 @@ def assert_limiter_sane(limiter: RateLimiter) -> None:
         assert entry["waiting"] == 0, f"callers left in line for {model}"
         for name, value in entry.items():
             if name.endswith("_source"):
-                assert value in (None, "configured", "headers", "429"), f"{model} {name} = {value}"
+                assert value in (None, "configured", "headers", "429", "provisional"), f"{model} {name} = {value}"
             else:
                 assert value is None or math.isfinite(value), f"{model} {name} = {value}"
 

@@ -76,7 +76,8 @@ def test_per_day_headers_become_a_budget_not_a_per_minute_rate() -> None:
     limiter.observe(probe, headers(limit_requests="10000", remaining_requests="9999", reset_requests="8.64s"))
     limiter.settle(probe, 0)
     state = limiter.snapshot()["gpt-test"]
-    assert state["requests_limit"] is None  # not 10,000 per minute: the per-minute limit is unknown
+    # Not 10,000 per minute: the per-minute limit is unknown, and requests go at a provisional rate.
+    assert (state["requests_limit"], state["requests_source"]) == (60, "provisional")
     assert state["requests_budget_limit"] == 10000
     assert state["requests_budget_window"] == pytest.approx(86400, rel=0.01)
     assert state["requests_budget_source"] == "headers"
@@ -98,7 +99,33 @@ def test_a_limit_first_read_as_per_minute_moves_to_the_budget_when_the_resets_sa
                                              reset_requests=f"{8.64 * used:.3f}s"))  # fmt: skip
         limiter.settle(reservation, 0)
     state = limiter.snapshot()["gpt-test"]
-    assert state["requests_limit"] is None and state["requests_budget_limit"] == 10000
+    assert state["requests_source"] == "provisional" and state["requests_budget_limit"] == 10000
+
+
+def test_the_provisional_request_rate_doubles_until_a_429_names_the_limit() -> None:
+    clock = FakeClock()
+    limiter = make(clock)
+    day = {"limit_requests": "10000", "reset_requests": "24h"}
+    probe = limiter.acquire(KEY, 0)
+    limiter.observe(probe, headers(remaining_requests="9999", **day))
+    limiter.settle(probe, 0)
+    seen = []
+    for _ in range(3):
+        clock.now += 5.0
+        reservation = limiter.acquire(KEY, 0)
+        limiter.observe(reservation, headers(remaining_requests="9000", **day))
+        limiter.settle(reservation, 0)
+        seen.append(limiter.snapshot()["gpt-test"]["requests_limit"])
+    assert seen == [120, 240, 480]
+    refused = limiter.acquire(KEY, 0)
+    limiter.learn_from_message(refused, LimitMessage("requests", 60.0, 3500.0, 3500.0, 1.0))
+    limiter.settle(refused, 0)
+    clock.now += 10.0
+    reservation = limiter.acquire(KEY, 0)
+    limiter.observe(reservation, headers(remaining_requests="8000", **day))
+    limiter.settle(reservation, 0)
+    state = limiter.snapshot()["gpt-test"]
+    assert (state["requests_limit"], state["requests_source"]) == (3500, "429")  # learned, not doubled
 
 
 def test_the_budget_is_never_sent_past_and_raises_at_once_when_it_cannot_refill_in_time() -> None:

@@ -149,13 +149,15 @@ def parse_rate_limit_headers(headers: Mapping[str, str]) -> RateLimitHeaders:
 
 
 def parse_try_again(message: Optional[str]) -> Optional[float]:
-    """Seconds from "Please try again in 1.4s" (or ``634ms``, ``28m48s``) in an error message."""
+    """Seconds from "Please try again in 1.4s" (or ``634ms``, ``28m48s``, ``8h9m``) in an error message.
+
+    Long waits are returned as they are (a per-day limit): whether to wait is the retry policy's call."""
     if not message:
         return None
     match = _TRY_AGAIN.search(message)
     if match is None:
         return None
-    return parse_duration(match.group(1).rstrip("."))
+    return parse_duration(match.group(1).rstrip("."), _MAX_RESET_SECONDS)  # "28m48s", "8h9m" too
 
 
 _NUMBER = r"([0-9]+(?:,[0-9]{3})*(?:\.[0-9]+)?)"  # 40000, 2,000,000, 1.5

@@ -52,7 +52,12 @@ _MIN_BURST_SECONDS = 0.2
 # seconds, before it raises BudgetExhausted: a job should not sit silent for hours.
 _MAX_BUDGET_WAIT = 120.0
 # Where a limit came from, as shown by snapshot() and repr().
-CONFIGURED, HEADERS, MESSAGE = "configured", "headers", "429"
+CONFIGURED, HEADERS, MESSAGE, PROVISIONAL = "configured", "headers", "429", "provisional"
+# When the headers show only a long-window request limit, the per-minute one is unknown until a 429
+# names it. Until then requests go at a provisional rate: this many per minute, doubled every
+# _PROVISIONAL_DOUBLING seconds, so that a daily limit read from the headers never turns into a flood.
+_PROVISIONAL_RPM = 60.0
+_PROVISIONAL_DOUBLING = 5.0
 _KINDS = ("requests", "tokens")
 
 
@@ -194,6 +199,7 @@ class _KeyState:
         "message_limits",
         "paused_until",
         "probe",
+        "provisional_at",
         "requests",
         "shrunk_at",
         "tokens",
@@ -208,6 +214,7 @@ class _KeyState:
         self.budgets: Dict[str, _Bucket] = {}
         self.votes = {kind: WindowVote() for kind in _KINDS}
         self.message_limits: Dict[str, float] = {}  # per-minute limits named by 429 messages
+        self.provisional_at = now  # when the provisional per-minute request limit last doubled
         self.calibration = Calibration()
         self.in_flight = 0  # reservations taken and not yet ended
         self.full_at = now  # when the server's token bucket is full again, by the last reset it sent
@@ -615,12 +622,19 @@ class RateLimiter:
             if not long_window:
                 minute[f"limit_{kind}"], minute[f"remaining_{kind}"] = limit, remaining
                 if kind == "tokens" and reset is not None and limit is not None:
-                    self._calibrate(state, reservation, reset * limit / MINUTE, now + reset, accepted)
+                    self._calibrate(state, reservation, _missing(limit, remaining, reset), now + reset, accepted)
                 continue
             assert limit is not None
             window = vote.window if vote.long else None
             budget = self._budget(state, kind, limit, window or 86400.0, HEADERS, now)
-            state.minute(kind).forget()
+            bucket = state.minute(kind)
+            bucket.forget()
+            if kind == "requests" and bucket.limit is None:
+                bucket.learn(_PROVISIONAL_RPM, self._headroom, self._initial_burst, PROVISIONAL)
+                state.provisional_at = now
+            elif bucket.source == PROVISIONAL and accepted and now - state.provisional_at >= _PROVISIONAL_DOUBLING:
+                bucket.learn(2 * (bucket.limit or _PROVISIONAL_RPM), self._headroom, self._initial_burst, PROVISIONAL)
+                state.provisional_at = now
             if remaining is not None:  # a budget follows the server's count both ways, less what we sent since
                 seen = remaining + budget.rate * elapsed - (state.minute(kind).booked - mark)
                 budget.level = min(budget.capacity, seen)
@@ -648,10 +662,12 @@ class RateLimiter:
         return budget
 
     @staticmethod
-    def _calibrate(state: _KeyState, reservation: Reservation, missing: float, full_at: float, accepted: bool) -> None:
-        """``missing``: tokens the server's bucket lacked right after this request, by its reset. For a
-        request sent alone into a full bucket, that is the server's count of its cost."""
-        if accepted and reservation.quiet and reservation.estimate > 0 and missing > 0:
+    def _calibrate(
+        state: _KeyState, reservation: Reservation, missing: Optional[float], full_at: float, accepted: bool
+    ) -> None:
+        """``missing``: tokens the server's bucket lacked right after this request (see :func:`_missing`).
+        For a request sent alone into a full bucket, that is the server's count of its cost."""
+        if accepted and reservation.quiet and reservation.estimate > 0 and missing is not None and missing > 0:
             state.calibration.add(missing, reservation.estimate)
         state.full_at = max(state.full_at, full_at)
 
@@ -743,8 +759,9 @@ class RateLimiter:
 
     def snapshot(self) -> Dict[str, Dict[str, Any]]:
         """Per-model state for debugging: for ``requests`` and ``tokens``, the per-minute limit, where it
-        came from (``"configured"``, ``"headers"`` or ``"429"``), burst and level now, and any
-        long-window budget (``*_budget_limit``, ``*_budget_window`` in seconds, ``*_budget_level``,
+        came from (``"configured"``, ``"headers"``, ``"429"``, or ``"provisional"``: a request rate that
+        starts at 60 a minute and doubles every 5 s while only a long-window limit is known), burst and
+        level now, and any long-window budget (``*_budget_limit``, ``*_budget_window`` in seconds, ``*_budget_level``,
         ``*_budget_source``); callers waiting, pause left, and the cost factor."""
         with self._lock:
             now = self._clock()
@@ -794,6 +811,17 @@ class RateLimiter:
             )
         default = f"rpm={self._default.rpm} tpm={self._default.tpm}"
         return f"<RateLimiter {default} [{'; '.join(parts)}]>"
+
+
+def _missing(limit: float, remaining: Optional[float], reset: float) -> Optional[float]:
+    """Tokens a per-minute bucket lacks, from its headers: ``limit - remaining`` when the bucket holds
+    the whole limit (OpenAI's do: exact), else what the reset shows refilling at ``limit / 60`` per
+    second (a server that holds less, e.g. one second's worth). Resets come in whole milliseconds, so
+    a reset too short to tell the cost within a few per cent says nothing (``None``)."""
+    rate = limit / MINUTE
+    if remaining is not None and limit - remaining <= (reset + 0.001) * rate:
+        return limit - remaining
+    return reset * rate - rate * 0.0005 if reset >= 0.02 else None
 
 
 def _slice(left: float, cancel: Optional[threading.Event]) -> Optional[float]:
