@@ -358,3 +358,16 @@ def test_bare_integer_resets_are_milliseconds() -> None:
     assert parsed.reset_tokens == pytest.approx(0.007)
     assert headers(reset_requests="0.5").reset_requests == pytest.approx(0.5)  # a decimal is seconds
     assert headers(reset_tokens="33h57m29.556s").reset_tokens == pytest.approx(122249.556)
+
+
+def test_the_burst_is_learned_from_the_servers_reset_not_from_our_count_of_the_cost() -> None:
+    # A server that counts a request as 639 while we booked 852: "remaining + what we booked" would claim
+    # a bucket of 1,311 where the server holds 1,000 (a one-second slice of 60,000 TPM), and the next
+    # batch packed to that burst would draw a 429. The reset says how much is missing in its own units.
+    clock = FakeClock()
+    limiter = make(clock, tpm=60_000)
+    reservation = limiter.acquire(KEY, 852)
+    limiter.observe(reservation, headers(limit_tokens="60000", remaining_tokens="361", reset_tokens="639ms"))
+    limiter.settle(reservation, 852)
+    burst = limiter.snapshot()["gpt-test"]["tokens_burst"]
+    assert burst <= 1000

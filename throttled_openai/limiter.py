@@ -572,25 +572,23 @@ class RateLimiter:
                     bucket.give_back(reservation.tokens)
             headers = self._read_windows(state, reservation, headers, accepted, now)
             elapsed = max(0.0, now - reservation.ready_at)
-            pairs = (
-                (state.requests, headers.limit_requests, headers.remaining_requests, 1.0, reservation.marks[0]),
-                (
-                    state.tokens,
-                    headers.limit_tokens,
-                    headers.remaining_tokens,
-                    reservation.tokens,
-                    reservation.marks[1],
-                ),
-            )
-            for bucket, limit, remaining, cost, mark in pairs:
+            for kind, mark in zip(_KINDS, reservation.marks):
+                bucket = state.minute(kind)
+                limit, remaining = getattr(headers, f"limit_{kind}"), getattr(headers, f"remaining_{kind}")
                 bucket.advance(now)
                 if limit is not None:
                     bucket.learn(limit, self._headroom, self._initial_burst)
                 if remaining is None or not bucket.active:
                     continue
                 margin = bucket.rate * _JITTER_SECONDS
-                taken = cost if accepted else 0.0
-                grown = max(0.0, min(bucket.ceiling, remaining + taken - margin) - bucket.capacity)
+                # What the server's bucket holds when full: by its reset (exact, in its own units), else at
+                # least what it had before this request (in ours: too high if the cost factor is).
+                reset = getattr(headers, f"reset_{kind}")
+                if reset is not None and bucket.limit is not None:
+                    full = remaining + reset * bucket.limit / bucket.window
+                else:
+                    full = remaining + (1.0 if kind == "requests" else reservation.tokens) * accepted
+                grown = max(0.0, min(bucket.ceiling, full - margin) - bucket.capacity)
                 bucket.capacity += grown
                 seen = remaining + bucket.rate * elapsed - margin - (bucket.booked - mark)
                 bucket.level = min(bucket.level + grown, bucket.room, seen)
