@@ -2,7 +2,8 @@
 
 Run as ``python benchmarks/_redis_worker.py CONFIG_JSON``. CONFIG_JSON holds ``base_url``, ``redis_url``
 (``null``: the client's own in-process ``RateLimiter``), ``rpm`` and ``tpm`` (``null``: learned from the
-server's headers), ``threads``, ``calls`` (this process's share) and ``max_tokens``. It sets up, prints
+server's headers), ``threads``, ``calls`` (this process's share), ``max_tokens`` and, optionally,
+``on_error`` (the ``RedisRateLimiter``'s, default ``"raise"``). It sets up, prints
 ``ready``, waits for a line on stdin (so that every process starts together), then prints one JSON line:
 the ``time.monotonic()`` of every completion and of every HTTP request sent (CLOCK_MONOTONIC is one clock
 for every process on Linux), the tokens each completed call used, the names of the exceptions of failed
@@ -31,7 +32,10 @@ def main() -> None:
     tpm: Optional[float] = config["tpm"]
     sent: List[float] = []
     http_client = openai.DefaultHttpxClient(event_hooks={"request": [lambda _request: sent.append(time.monotonic())]})
-    limiter = RedisRateLimiter(config["redis_url"], rpm, tpm) if config["redis_url"] else RateLimiter(rpm, tpm)
+    if config["redis_url"]:
+        limiter: RateLimiter = RedisRateLimiter(config["redis_url"], rpm, tpm, on_error=config.get("on_error", "raise"))
+    else:
+        limiter = RateLimiter(rpm, tpm)
     client = ThrottledClient(base_url=config["base_url"], api_key="sk-bench", limiter=limiter, http_client=http_client)
     TokenCounter().count("warm up", MODEL)  # load tiktoken's encoding now, not in the first timed call
 

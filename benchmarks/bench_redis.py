@@ -25,10 +25,17 @@
    rounds; a bare redis-py PING round trip for scale.
 3. CPU per call of one ``ThrottledClient`` process (8 threads, limits never reached) with a
    ``RedisRateLimiter`` and with its in-process limiter; redis-server's own CPU per call beside it.
+4. Failover: as in 1, every process with a ``RedisRateLimiter(on_error="local")``; redis-server is killed
+   6 s after the go and started again (empty) 3 s later. Reported: 429s per HTTP request over the run
+   and in each phase (before the kill; Redis down; the 5 s after the restart), calls lost (failed after
+   the client's retries, or never completed), successful calls/s while Redis was down against the
+   ceiling, and the most requests sent in any 0.3 s from the kill to 5 s after the restart, against
+   0.3 s of the ceiling (a burst shows there).
 
-    python benchmarks/bench_redis.py            # about 5 minutes
-    python benchmarks/bench_redis.py --quick    # about 2.5 minutes
-    python benchmarks/bench_redis.py --scenario rpm --no-learned --no-overhead   # the core comparison, ~1 minute
+    python benchmarks/bench_redis.py            # about 7 minutes
+    python benchmarks/bench_redis.py --quick    # about 3.5 minutes
+    python benchmarks/bench_redis.py --scenario rpm --no-learned --no-overhead --no-failover   # core comparison, ~1 min
+    python benchmarks/bench_redis.py --only-failover --no-learned   # the failover runs, ~1 minute
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -461,6 +468,148 @@ def _cpu_seconds(server: Optional[redis.Redis]) -> float:
     return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
+# -- 4. failover -----------------------------------------------------------------------------------
+
+KILL_AT = 6.0  # seconds after the go, redis-server is killed
+DOWN_FOR = 3.0  # seconds until it is started again, empty
+AFTER_RESTART = 5.0  # seconds after the restart that count as its phase
+BURST_WINDOW = 0.3  # seconds: the window in which a burst at failover or restart shows
+
+
+@dataclass
+class Failover:
+    mode: Mode
+    calls: int
+    completed: int
+    failures: Dict[str, int]
+    requests: int
+    rate_limited: int
+    phases: List[Tuple[int, int]]  # (requests, 429s): before the kill, Redis down, after the restart
+    burst: int  # most requests sent in any BURST_WINDOW from the kill to AFTER_RESTART after the restart
+    ceiling: float  # calls/s (TPM-bound: at the tokens a call really uses)
+    down_rate: float  # successful calls/s while Redis was down
+    notes: List[str]
+
+    @property
+    def lost(self) -> int:
+        return self.calls - self.completed
+
+    def row(self) -> str:
+        phases = " | ".join(
+            f"{limited / max(1, requests):.2%} ({limited}/{requests})" for requests, limited in self.phases
+        )
+        failed = ", ".join(f"{name} {count}" for name, count in sorted(self.failures.items()))
+        overall = f"{self.rate_limited / max(1, self.requests):.2%} ({self.rate_limited}/{self.requests})"
+        return (
+            f"| {self.mode.label} | {overall} | {phases} | {self.lost}{f' ({failed})' if failed else ''} "
+            f"| {self.down_rate / self.ceiling:.2f} | {self.burst} / {self.ceiling * BURST_WINDOW:.0f} |"
+        )
+
+
+def run_failover(scenario: Scenario, mode: Mode) -> Failover:
+    with contextlib.ExitStack() as stack:
+        server = stack.enter_context(ServerProcess(rpm=scenario.rpm, tpm=scenario.tpm, **SERVER))
+        redis_server = stack.enter_context(RedisServer())
+        config = {
+            "base_url": server.base_url,
+            "redis_url": redis_server.url,
+            "on_error": "local",
+            "rpm": scenario.rpm if mode.given else None,
+            "tpm": scenario.tpm if mode.given else None,
+            "threads": THREADS,
+            "calls": scenario.calls // PROCESSES,
+            "max_tokens": scenario.max_tokens,
+        }
+        workers = _start_workers(config)
+        for worker in workers:
+            stack.callback(_kill, worker)
+        # The server's counters at the kill, the restart and the end of the restart's phase; the
+        # times of the kill and the restart. One thread talks to the server while the main one waits.
+        marks: List[Dict[str, int]] = []
+        times: List[float] = []
+
+        def outage() -> None:
+            time.sleep(max(0.0, go + KILL_AT - time.monotonic()))
+            marks.append(server.stats())
+            times.append(time.monotonic())
+            redis_server.kill()
+            time.sleep(DOWN_FOR)
+            marks.append(server.stats())
+            times.append(time.monotonic())
+            redis_server.start()
+            time.sleep(AFTER_RESTART)
+            marks.append(server.stats())
+
+        controller = threading.Thread(target=outage)
+        go = time.monotonic()
+        for worker in workers:
+            assert worker.stdin is not None
+            worker.stdin.write("go\n")
+            worker.stdin.flush()
+        controller.start()
+        reports = [_report(worker, go) for worker in workers]
+        controller.join()
+        served = server.stats()
+    done_at = sorted(t for report in reports for t in report["done_at"])
+    sent_at = sorted(t for report in reports for t in report["sent_at"])
+    used = [n for report in reports for n in report["used"]]
+    failures: Dict[str, int] = {}
+    for report in reports:
+        for name in report["failures"]:
+            failures[name] = failures.get(name, 0) + 1
+    ceiling = min(scenario.rpm / 60.0, scenario.tpm / 60.0 / max(1.0, sum(used) / max(1, len(used))))
+    notes = []
+    if done_at and done_at[-1] < times[1] + AFTER_RESTART:
+        notes.append("the run ended before the restart's phase did: give it more calls")
+    edges = [{"requests": 0, "rate_limited": 0}, *marks]
+    phases = [
+        (after["requests"] - before["requests"], after["rate_limited"] - before["rate_limited"])
+        for before, after in zip(edges, edges[1:])
+    ]
+    window = [t for t in sent_at if times[0] <= t <= times[1] + AFTER_RESTART]
+    return Failover(
+        mode=mode,
+        calls=scenario.calls // PROCESSES * PROCESSES,
+        completed=len(done_at),
+        failures=failures,
+        requests=served["requests"],
+        rate_limited=served["rate_limited"],
+        phases=phases,
+        burst=_most_in_window(window, BURST_WINDOW),
+        ceiling=ceiling,
+        down_rate=sum(times[0] <= t < times[1] for t in done_at) / (times[1] - times[0]),
+        notes=notes,
+    )
+
+
+def failover(scenarios: List[Scenario], modes: List[Mode]) -> List[str]:
+    lines = []
+    for scenario in scenarios:
+        results = []
+        for mode in modes:
+            started = time.monotonic()
+            results.append(run_failover(scenario, mode))
+            print(f"  failover, {scenario.name} / {mode.label}: {time.monotonic() - started:.1f} s", file=sys.stderr)
+        lines.append(
+            f"### Failover, {scenario.name}, {scenario.calls} calls, {PROCESSES} processes x {THREADS} threads, "
+            f'on_error="local": Redis killed at {KILL_AT:g} s, back (empty) {DOWN_FOR:g} s later\n'
+        )
+        lines.append(
+            "| limiter | 429s per request | before the kill | Redis down | "
+            f"{AFTER_RESTART:g} s after the restart | calls lost | successful calls/s while down / ceiling "
+            f"| most sent in {BURST_WINDOW:g} s (kill to restart + {AFTER_RESTART:g} s) "
+            f"/ {BURST_WINDOW:g} s of ceiling |"
+        )
+        lines.append("|---|---|---|---|---|---|---|---|")
+        lines.extend(result.row() for result in results)
+        lines.extend(f"\nNote, {result.mode.label}: {note}." for result in results for note in result.notes)
+        for result in results:
+            ok = result.rate_limited / max(1, result.requests) <= 0.02 and result.lost == 0
+            lines.append(f"\nTarget for {result.mode.label} (≤ 2 % 429s, no call lost): {'met' if ok else 'MISSED'}.")
+        lines.append("")
+    return lines
+
+
 # -- main -----------------------------------------------------------------------------------------
 
 
@@ -470,6 +619,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--scenario", choices=("rpm", "tpm", "both"), default="both", help="shared-limit scenarios")
     parser.add_argument("--no-learned", action="store_true", help="only the shared-limit runs with the limits given")
     parser.add_argument("--no-overhead", action="store_true", help="skip the reservation and CPU measurements")
+    parser.add_argument("--no-failover", action="store_true", help="skip the runs with Redis killed mid-run")
+    parser.add_argument("--only-failover", action="store_true", help="only the runs with Redis killed mid-run")
     args = parser.parse_args(argv)
     scale = 0.4 if args.quick else 1.0
     scenarios = [
@@ -490,10 +641,17 @@ def main(argv: Optional[List[str]] = None) -> None:
         f"{(SERVER['latency'] + SERVER['latency_jitter']) * 1000:.0f} ms latency. "
         "Redis: one private redis-server on 127.0.0.1.\n"
     ]
-    lines += shared_limit(scenarios, modes)
-    if not args.no_overhead:
-        lines += reservations(2000 if args.quick else 10_000)
-        lines += cpu_per_call(300 if args.quick else 1000)
+    if not args.only_failover:
+        lines += shared_limit(scenarios, modes)
+        if not args.no_overhead:
+            lines += reservations(2000 if args.quick else 10_000)
+            lines += cpu_per_call(300 if args.quick else 1000)
+    if not args.no_failover:
+        # Long enough that the run goes on past the restart's phase (KILL_AT + DOWN_FOR + AFTER_RESTART).
+        lines += failover(
+            [replace(s, calls=max(s.calls, int(s.calls / scale))) for s in scenarios],
+            [mode for mode in modes if mode.redis],
+        )
     print("\n".join(lines))
     print(f"Total run time: {time.monotonic() - started:.0f} s")
 

@@ -367,26 +367,128 @@ def test_a_caller_that_cannot_get_through_in_time_is_refused_at_once(url: str) -
 def test_on_error_local_limits_alone_with_a_warning_then_shares_again(
     server: RedisServer, url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    limiter = make(url, rpm=60, on_error="local", retry_interval=0.2)
+    limiter = make(url, rpm=60, on_error="local", retry_interval=0.5)
     other = make(url, rpm=60)
     reservation = limiter.acquire(KEY, 0)  # from Redis
     server.kill()
     with caplog.at_level(logging.WARNING, logger="throttled_openai"):
         limiter.settle(reservation, 0)  # bookkeeping never raises
-        local = limiter.acquire(KEY, 0, timeout=0)  # the local bucket's burst
-        assert limiter.local_only
+        local = limiter.acquire(KEY, 0, timeout=2)  # the local bucket starts empty: one request refills in 1 s
         with pytest.raises(RateLimitTimeout):
-            limiter.acquire(KEY, 0, timeout=0)  # still limited, by this process alone
+            limiter.acquire(KEY, 0, timeout=0)  # still limited, by this process alone (Redis failed again)
+        assert limiter.local_only
         limiter.settle(local, 0)
         server.start()
-        time.sleep(0.25)  # past retry_interval: the next call asks Redis again
-        limiter.acquire(KEY, 0, timeout=0)
+        time.sleep(0.55)  # past retry_interval: the next call asks Redis again
+        limiter.acquire(KEY, 0, timeout=2)  # its key is new, and empty: this process used the lost one
         assert not limiter.local_only
     messages = [record.getMessage() for record in caplog.records]
     assert any("limiting in this process alone" in message for message in messages)
     assert any("answers again" in message for message in messages)
     with pytest.raises(RateLimitTimeout):
         other.acquire(KEY, 0, timeout=0)  # the budget is shared again: the call above used it
+
+
+def chat(client: ThrottledClient) -> None:
+    client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], max_tokens=5)
+
+
+def test_a_failover_to_local_limiting_sends_no_burst(server: RedisServer, url: str) -> None:
+    # One process, 12 threads, held by Redis to 600 RPM (10 per second) on a server that allows as much.
+    # When Redis dies, its local buckets start empty: full, they let a whole burst (10) go at once into
+    # a server bucket that the shared limit kept spent, and most of it came back as 429s.
+    with FakeOpenAI(rpm=600, bucket_seconds=1.0, latency=0.02) as fake:
+        limiter = make(url, on_error="local", retry_interval=60)
+        client = ThrottledClient(api_key="sk-test", base_url=fake.base_url, limiter=limiter, max_wait=60)
+        stop = threading.Event()
+
+        def work() -> None:
+            while not stop.is_set():
+                chat(client)
+
+        threads = [threading.Thread(target=work) for _ in range(12)]
+        for thread in threads:
+            thread.start()
+        try:
+            wait_for(lambda: fake.stats()["admitted"] >= 20)  # the first burst is spent: Redis holds the pace
+            before = fake.stats()
+            killed = time.monotonic()
+            server.kill()
+            time.sleep(0.3)
+            during = fake.stats()
+            elapsed = time.monotonic() - killed
+            time.sleep(1.0)
+            after = fake.stats()
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(30)
+    assert limiter.local_only
+    sent = during["requests"] - before["requests"]
+    # What refilled meanwhile (10 per second), and the requests Redis let go just before; a full local
+    # bucket sent 10 at once.
+    assert sent <= 10 * elapsed + 3, (sent, elapsed)
+    assert after["rate_limited"] - before["rate_limited"] <= 2
+
+
+def test_after_a_redis_failure_each_process_keeps_to_its_share(server: RedisServer, url: str) -> None:
+    # Two processes took half of the shared 1,200 RPM each. Once Redis fails, each takes half of the
+    # rate alone; without the share, each would take the whole rate (and, from full buckets, a burst).
+    limiters = [make(url, rpm=1200, on_error="local", retry_interval=60) for _ in range(2)]
+    for _ in range(8):
+        for limiter in limiters:
+            limiter.acquire(KEY, 0, timeout=5)
+    server.kill()
+    taken = 0
+    started = time.monotonic()
+    while time.monotonic() - started < 0.5:
+        for limiter in limiters:
+            try:
+                limiter.acquire(KEY, 0, timeout=0)
+                taken += 1
+            except RateLimitTimeout:
+                pass
+        time.sleep(0.005)
+    elapsed = time.monotonic() - started
+    assert all(limiter.local_only for limiter in limiters)
+    assert 1 <= taken <= 20 * elapsed + 3, (taken, elapsed)  # two whole rates: 40 per second
+
+
+@pytest.mark.parametrize("loss", ["flushall", "restart"])
+def test_a_key_that_redis_lost_starts_empty_for_a_process_that_used_it(
+    server: RedisServer, url: str, loss: str
+) -> None:
+    limiter = make(url, rpm=600)  # 10 per second, a burst of 10
+    limiter.acquire(KEY, 0)
+    if loss == "flushall":
+        redis.Redis.from_url(url).flushall()
+    else:
+        server.kill()
+        server.start()
+    # A process that never used a key: its first use starts with the normal burst.
+    newcomer = make(url, rpm=600)
+    for _ in range(10):
+        newcomer.acquire(("another", "gpt-test"), 0, timeout=0)
+    # This process used KEY a moment ago: the server's bucket may be spent, so the new key starts empty
+    # and refills from then on (10 per second).
+    started = time.monotonic()
+    taken = 0
+    with pytest.raises(RateLimitTimeout):
+        while True:
+            limiter.acquire(KEY, 0, timeout=0)
+            taken += 1
+    assert taken <= 10 * (time.monotonic() - started) + 1
+    limiter.acquire(KEY, 0, timeout=5)  # and refills
+
+
+def test_a_key_missing_long_after_its_last_use_starts_with_its_burst(url: str) -> None:
+    now = [time.monotonic()]
+    limiter = make(url, rpm=600, clock=lambda: now[0])
+    limiter.acquire(KEY, 0)
+    redis.Redis.from_url(url).flushall()
+    now[0] += 601  # past the key's 10-minute TTL: it may have expired on its own, the server's bucket is full
+    for _ in range(10):
+        limiter.acquire(KEY, 0, timeout=0)
 
 
 # -- processes ----------------------------------------------------------------------------------
@@ -519,7 +621,7 @@ def test_limits_learned_through_redis_still_hold_when_it_fails(server: RedisServ
     limiter.observe(reservation, RateLimitHeaders(limit_requests=60, remaining_requests=59))
     limiter.settle(reservation, 0)
     server.kill()
-    limiter.acquire(KEY, 0)  # local now: the local bucket's burst of one request
+    limiter.acquire(KEY, 0)  # local now, once one request has refilled (the local bucket starts empty)
     with pytest.raises(RateLimitTimeout):
         limiter.acquire(KEY, 0, timeout=0)  # not unlimited: the limit learned through Redis holds
 

@@ -15,6 +15,16 @@ warning). Either way Redis is left alone for ``retry_interval`` seconds, then as
 after a request was sent (settle, headers, pause) never fails that request: while Redis is down it is
 skipped, and the shared budget goes without that correction (the server's headers show the truth again
 with the next response).
+
+Failing over without a burst. Every process loses Redis at once, and the server's bucket, which the
+shared limit kept near empty, stays as it was. So a process's local buckets start empty, not full, and
+refill from then on, and each local call costs the inverse of this process's share of what every
+process took from the shared budget just before (four processes that took a quarter each: four times
+the cost, on the tokens a call of that key uses once settled), so that together they stay near the
+limit. When Redis answers again but has lost a key (a restart, a ``FLUSHALL``, an eviction) that this
+process used within the key's TTL, the key starts empty too, with its normal refill: a key used for the
+first time, or not for longer than its TTL, starts with its burst. In both cases the server's
+``x-ratelimit-remaining-*`` headers then lower the levels further where others still take more.
 """
 
 from __future__ import annotations
@@ -25,8 +35,9 @@ import math
 import random
 import threading
 import time
+from collections import deque
 from contextlib import contextmanager
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Type, Union
+from typing import Any, Callable, Deque, Dict, Iterator, List, Mapping, Optional, Set, Tuple, Type, Union
 
 from .errors import Cancelled, LimiterUnavailable, RateLimitTimeout, RequestTooLarge
 from .headers import RateLimitHeaders
@@ -49,8 +60,16 @@ log = logging.getLogger("throttled_openai")
 # learned limits are learned again from the next response.
 _TTL_MS = 600_000
 
-# Shared by every script. KEYS[1]: the hash of one (account, model). ARGV[1..6]: this process's
-# configured rpm and tpm (0: none), headroom, initial burst and jitter (seconds), TTL (ms).
+# While Redis is down, each process takes its share of the limit: of what every process took from the
+# shared budget between its last reservations, up to this many within this many seconds before the
+# failure; at least this share.
+_SHARE_TAKES = 256
+_SHARE_SECONDS = 10.0
+_MIN_SHARE = 0.05
+
+# Shared by every script. KEYS[1]: the hash of one (account, model). ARGV[1..7]: this process's
+# configured rpm and tpm (0: none), headroom, initial burst and jitter (seconds), TTL (ms), and 1 if this
+# process used the key within the TTL (so that a missing key was lost, not expired), else 0.
 # Fields: <b>server (the server's limit), <b>cap, <b>ceil, <b>level, <b>stamp, <b>booked (<b> is "r" for
 # requests or "t" for tokens), paused_until, shrunk_at, answered, and for each caller waiting in line
 # (one per process at most: the head of its own line) wa:<id> (when it joined), wt:<id> (its tokens)
@@ -68,6 +87,9 @@ local h = {}
 local raw = redis.call('HGETALL', key)
 for i = 1, #raw, 2 do h[raw[i]] = tonumber(raw[i + 1]) end
 local drop = {}  -- fields to delete when saving
+-- The key is gone although this process used it within its TTL: Redis lost it (a restart, a FLUSHALL,
+-- an eviction) while the server's bucket may well be spent. Its buckets start empty, not full.
+local lost = #raw == 0 and ARGV[7] == '1'
 
 -- The callers waiting in line across processes, and the biggest cost among them.
 local line, biggest = {}, 0
@@ -97,6 +119,7 @@ local function bucket(b)
   if B.cap == nil then
     B.cap = math.min(B.ceil, math.max(B.rate * math.max(initial_burst - jitter, initial_burst / 2), 1))
     B.level, B.stamp = B.cap, now
+    if lost then B.level = 0 end  -- it refills from now; `remaining` headers lower it further if need be
   else
     B.level, B.stamp = h[b .. 'level'], h[b .. 'stamp']
   end
@@ -155,8 +178,8 @@ end
 local function known(R, T) if R or T then return '1' end return '0' end
 """
 
-# ARGV[7]: tokens; [8]: the caller's id; [9]: the longest it will wait; [10]: how long its place in
-# line lasts unless it asks again; [11]: seconds its process is still paused (a 429 Redis may have
+# ARGV[8]: tokens; [9]: the caller's id; [10]: the longest it will wait; [11]: how long its place in
+# line lasts unless it asks again; [12]: seconds its process is still paused (a 429 Redis may have
 # missed). Takes one request and the tokens if both budgets hold them, no pause runs, and they leave
 # what the callers ahead in line need. A caller that will wait takes its place in
 # line: across processes, callers are then served first come, first served, and a big call is not
@@ -164,7 +187,7 @@ local function known(R, T) if R or T then return '1' end return '0' end
 # Reply: {'ok', now, requests booked, tokens booked, known} | {'too_large', tpm}
 #      | {'wait', seconds, requests per second, whether refunds may shorten the wait, in line, known}
 _ACQUIRE = """
-local tokens, me, patience, lease = tonumber(ARGV[7]), ARGV[8], tonumber(ARGV[9]), tonumber(ARGV[10])
+local tokens, me, patience, lease = tonumber(ARGV[8]), ARGV[9], tonumber(ARGV[10]), tonumber(ARGV[11])
 local R, T = bucket('r'), bucket('t')
 if T and tokens > T.limit then return {'too_large', fmt(T.limit)} end
 if T and tokens > T.cap then T.hold = math.max(T.hold, tokens) end  -- its whole cost may fill in
@@ -178,7 +201,7 @@ end
 advance(R)
 advance(T)
 local go_t = earliest(T, tokens, keep_t)
-local go = math.max(earliest(R, 1, keep_r), go_t, h['paused_until'] or 0, now + tonumber(ARGV[11]))
+local go = math.max(earliest(R, 1, keep_r), go_t, h['paused_until'] or 0, now + tonumber(ARGV[12]))
 local extra = {}
 if go <= now then
   if R then take(R, 1) end
@@ -203,10 +226,10 @@ if queued then in_line = '1' end
 return {'wait', fmt(go - now), fmt(R and R.rate or 0), refunds, in_line, known(R, T)}
 """
 
-# ARGV[7]: requests to give back; ARGV[8]: tokens to give back (negative: to charge).
+# ARGV[8]: requests to give back; ARGV[9]: tokens to give back (negative: to charge).
 _GIVE_BACK = """
 local R, T = bucket('r'), bucket('t')
-local requests, tokens = tonumber(ARGV[7]), tonumber(ARGV[8])
+local requests, tokens = tonumber(ARGV[8]), tonumber(ARGV[9])
 advance(R)
 advance(T)
 if R and requests > 0 then give_back(R, requests) end
@@ -215,15 +238,15 @@ if R or T then save(R, T) end
 return 1
 """
 
-# ARGV[7]: accepted (1/0); [8]: Redis time of the reservation; [9]: its tokens; [10], [11]: booked
-# totals after it; [12]..[15]: limit and remaining requests, limit and remaining tokens ('': not sent).
+# ARGV[8]: accepted (1/0); [9]: Redis time of the reservation; [10]: its tokens; [11], [12]: booked
+# totals after it; [13]..[16]: limit and remaining requests, limit and remaining tokens ('': not sent).
 _OBSERVE = """
-local accepted = ARGV[7] == '1'
-local elapsed = math.max(0, now - tonumber(ARGV[8]))
-local cost = {r = 1, t = tonumber(ARGV[9])}
-local mark = {r = tonumber(ARGV[10]), t = tonumber(ARGV[11])}
-local limit = {r = tonumber(ARGV[12]), t = tonumber(ARGV[14])}
-local remaining = {r = tonumber(ARGV[13]), t = tonumber(ARGV[15])}
+local accepted = ARGV[8] == '1'
+local elapsed = math.max(0, now - tonumber(ARGV[9]))
+local cost = {r = 1, t = tonumber(ARGV[10])}
+local mark = {r = tonumber(ARGV[11]), t = tonumber(ARGV[12])}
+local limit = {r = tonumber(ARGV[13]), t = tonumber(ARGV[15])}
+local remaining = {r = tonumber(ARGV[14]), t = tonumber(ARGV[16])}
 local extra = {answered = 1}
 for _, b in ipairs({'r', 't'}) do
   if limit[b] and limit[b] >= 1 and limit[b] ~= h[b .. 'server'] then
@@ -251,19 +274,19 @@ save(R, T, extra)
 return known(R, T)
 """
 
-# ARGV[7]: seconds; [8]: 'requests', 'tokens' or '' (both); [9]: Redis time of the refused
-# reservation; [10]: smallest burst, in seconds. Several 429s from one burst shrink it once.
+# ARGV[8]: seconds; [9]: 'requests', 'tokens' or '' (both); [10]: Redis time of the refused
+# reservation; [11]: smallest burst, in seconds. Several 429s from one burst shrink it once.
 _PAUSE = """
-local extra = {paused_until = math.max(h['paused_until'] or 0, now + tonumber(ARGV[7]))}
+local extra = {paused_until = math.max(h['paused_until'] or 0, now + tonumber(ARGV[8]))}
 local R, T = bucket('r'), bucket('t')
-if tonumber(ARGV[9]) > (h['shrunk_at'] or 0) then
+if tonumber(ARGV[10]) > (h['shrunk_at'] or 0) then
   extra.shrunk_at = now
-  local kind = ARGV[8]
+  local kind = ARGV[9]
   local named = {R, T}
   if kind == 'requests' then named = {R} elseif kind == 'tokens' then named = {T} end
   for _, B in pairs(named) do
     advance(B)
-    B.ceil = math.max(math.max(B.rate * tonumber(ARGV[10]), 1), B.cap / 2)
+    B.ceil = math.max(math.max(B.rate * tonumber(ARGV[11]), 1), B.cap / 2)
     B.cap = math.min(B.cap, B.ceil)
     B.level = math.min(B.level, 0)
     extra[B.b .. 'ceil'] = B.ceil
@@ -290,9 +313,9 @@ out[#out + 1] = fmt(h['answered'] or 0)
 return out
 """
 
-# ARGV[7]: the id of a caller that gives up waiting: out of the line at once, not when its lease lapses.
+# ARGV[8]: the id of a caller that gives up waiting: out of the line at once, not when its lease lapses.
 _LEAVE = """
-for _, f in ipairs({'wa:', 'wt:', 'wl:'}) do drop[#drop + 1] = f .. ARGV[7] end
+for _, f in ipairs({'wa:', 'wt:', 'wl:'}) do drop[#drop + 1] = f .. ARGV[8] end
 save(nil, nil)
 return 1
 """
@@ -343,8 +366,10 @@ class RedisRateLimiter(RateLimiter):
       every process the same limits (or none, to learn them from the server).
     - ``on_error``: what a call does when Redis fails or times out. ``"raise"``: raise
       :class:`LimiterUnavailable`, sending nothing. ``"local"``: log a warning and limit in this
-      process alone; the server's ``x-ratelimit-remaining-*`` headers still show this process what the
-      others used. Either way Redis is asked again ``retry_interval`` seconds after it failed.
+      process alone, at the share of the limit it took just before (from empty buckets, so that the
+      first call may wait for its cost to refill); the server's ``x-ratelimit-remaining-*`` headers
+      still show this process what the others used. Either way Redis is asked again ``retry_interval``
+      seconds after it failed.
     - ``prefix``: the start of every key, ``{prefix}:{account}:{model}``; ``account`` is a hash of the
       API key and base URL, never the key. Keys expire ten minutes after their last use.
     - ``timeout``: seconds a Redis operation may take (for a client built from a URL) before it counts
@@ -391,6 +416,13 @@ class RedisRateLimiter(RateLimiter):
         self._patrol = max(self._poll, 0.25)
         self._lease = 4 * self._patrol + 2 * float(timeout)
         self._ready: Dict[LimitKey, float] = {}  # when Redis last said the head of each key may go
+        self._last_use: Dict[LimitKey, float] = {}  # when this process last took from each key (our clock)
+        self._shared: Set[LimitKey] = set()  # keys whose last reservation came from Redis
+        # This process's last reservations from Redis: when, every process's request and token totals
+        # after each, and its tokens; and while Redis is down, this process's share of those totals.
+        self._takes: Dict[LimitKey, Deque[Tuple[float, float, float, int]]] = {}
+        self._local_share: Dict[LimitKey, Tuple[float, float]] = {}
+        self._usage: Dict[LimitKey, float] = {}  # tokens used over tokens booked, by the calls of each key
         self._rates: Dict[LimitKey, float] = {}  # the requests per second Redis last reported
         self._down_until = -math.inf  # after a failure, Redis is not asked again before this
         self._outage = False  # Redis failed and has not answered since (to log its end once)
@@ -412,14 +444,17 @@ class RedisRateLimiter(RateLimiter):
 
     def _config(self, key: LimitKey) -> List[Any]:
         # The limits this process knows: configured, or learned from headers. Sent with every call, so
-        # that a Redis restarted empty, or a key expired, limits from the first call on.
+        # that a Redis restarted empty, or a key expired, limits from the first call on. And whether this
+        # process took from the key within its TTL: then the key cannot have expired, and if it is
+        # missing, Redis lost it and its buckets start empty.
         state = self._keys.get(key)
         if state is None:
             limits = self.limits_for(key[1])
             rpm, tpm = limits.rpm, limits.tpm
         else:
             rpm, tpm = state.requests.limit, state.tokens.limit
-        return [rpm or 0, tpm or 0, self._headroom, self._initial_burst, _JITTER_SECONDS, _TTL_MS]
+        used = int(self._clock() - self._last_use.get(key, -math.inf) < _TTL_MS / 1000)
+        return [rpm or 0, tpm or 0, self._headroom, self._initial_burst, _JITTER_SECONDS, _TTL_MS, used]
 
     def _run(self, script: str, key: LimitKey, *args: Any) -> List[str]:
         """Run one script on ``key``; raises one of ``self._errors`` when Redis fails.
@@ -502,7 +537,7 @@ class RedisRateLimiter(RateLimiter):
         try:
             while True:
                 if self.local_only:
-                    return super()._wait_and_take(key, state, tokens, deadline, timeout, cancel)
+                    return self._take_locally(key, state, tokens, deadline, timeout, cancel)
                 if self._resting():
                     raise self._unavailable()
                 if cancel is not None and cancel.is_set():
@@ -529,8 +564,9 @@ class RedisRateLimiter(RateLimiter):
                     state.learned = True
                 now = self._clock()
                 if reply[0] == "ok":  # (taking also took it out of the line)
-                    self._ready[key] = now
                     marks = (float(reply[2]), float(reply[3]))
+                    self._ready[key] = now
+                    self._note_take(key, now, marks, tokens)
                     reservation = _RedisReservation(key, tokens, now, marks, float(reply[1]))
                     if not state.learned:  # no limit known anywhere yet: this call is the probe
                         state.probe = reservation
@@ -550,6 +586,75 @@ class RedisRateLimiter(RateLimiter):
                 with self._unlocked():
                     self._try("leave", key, caller)
             raise
+
+    # -- while Redis is down ----------------------------------------------------------------------
+
+    def _take_locally(
+        self,
+        key: LimitKey,
+        state: _KeyState,
+        tokens: int,
+        deadline: float,
+        timeout: Optional[float],
+        cancel: Optional[threading.Event],
+    ) -> Reservation:
+        """Take from this process's own buckets, while Redis is down (``on_error="local"``).
+
+        Every process does so at once, and each bucket refills at the whole rate. So that together they
+        stay near the limit, at the switch from Redis the buckets start empty (full, they would let
+        every process send a whole burst at once, into a server bucket that the shared limit kept
+        spent), and each call is charged at the inverse of this process's share of what every process
+        took from the shared budget just before (a quarter: four times its cost; for tokens, four times
+        what a call of this key uses once settled, as settling refunds the rest of its estimate only
+        once). The server's ``remaining`` headers then show each process what the others take.
+        """
+        if key in self._shared:  # the first local reservation after shared ones
+            self._shared.discard(key)
+            now = self._clock()
+            self._local_share[key] = self._share(key, now)
+            for bucket in (state.requests, state.tokens):
+                bucket.advance(now)
+                bucket.level = min(bucket.level, 0.0)
+        reservation = super()._wait_and_take(key, state, tokens, deadline, timeout, cancel)
+        shares = self._local_share.get(key, (1.0, 1.0))
+        used = tokens * self._usage.get(key, 1.0)  # what the call will likely use, once settled
+        for bucket, units, share in ((state.requests, 1.0, shares[0]), (state.tokens, used, shares[1])):
+            if bucket.active:  # the rest of the charge: debt that the next caller waits out
+                bucket.level -= units * (1 / share - 1)
+        self._last_use[key] = self._clock()
+        return reservation
+
+    def _note_take(self, key: LimitKey, now: float, marks: Tuple[float, float], tokens: int) -> None:
+        """Remember a reservation from Redis: when (our clock), every process's totals after it, its tokens."""
+        self._last_use[key] = now
+        self._shared.add(key)
+        takes = self._takes.setdefault(key, deque(maxlen=_SHARE_TAKES))
+        if takes and marks[0] < takes[-1][1]:  # the key was created anew: its totals start again
+            takes.clear()
+        takes.append((now, marks[0], marks[1], tokens))
+
+    def _note_usage(self, reservation: Reservation, used_tokens: Optional[int]) -> None:
+        """Follow what the calls of a key use, over the tokens they booked (a moving average): while Redis
+        is down, the share's charge is on what a call will use, not on the estimate that settling refunds."""
+        if isinstance(used_tokens, bool) or not isinstance(used_tokens, int) or used_tokens < 0:
+            return
+        if reservation.done or reservation.refused or reservation.tokens <= 0:
+            return
+        ratio = used_tokens / reservation.tokens
+        before = self._usage.get(reservation.key)
+        self._usage[reservation.key] = ratio if before is None else before + (ratio - before) / 8
+
+    def _share(self, key: LimitKey, now: float) -> Tuple[float, float]:
+        """This process's share of the requests and of the tokens that every process took from ``key``
+        between its takes of the last ``_SHARE_SECONDS``: from 1, while unknown, down to ``_MIN_SHARE``."""
+        takes = [take for take in self._takes.get(key, ()) if now - take[0] <= _SHARE_SECONDS]
+        if len(takes) < 2:
+            return 1.0, 1.0
+        (_, first_requests, first_tokens, _), (_, last_requests, last_tokens, _) = takes[0], takes[-1]
+        own_requests, own_tokens = len(takes) - 1, sum(take[3] for take in takes[1:])
+        requests = own_requests / (last_requests - first_requests) if last_requests > first_requests else 1.0
+        tokens = own_tokens / (last_tokens - first_tokens) if own_tokens and last_tokens > first_tokens else requests
+        return min(1.0, max(_MIN_SHARE, requests)), min(1.0, max(_MIN_SHARE, tokens))
 
     def _projected_turn(self, key: LimitKey, state: _KeyState, now: float) -> float:
         """When a caller joining the line could go: after the head, at the time Redis last gave it, and
@@ -588,6 +693,7 @@ class RedisRateLimiter(RateLimiter):
             self._give_back(state, reservation.key, 1, reservation.tokens)
 
     def settle(self, reservation: Reservation, used_tokens: Optional[int]) -> None:
+        self._note_usage(reservation, used_tokens)
         if not isinstance(reservation, _RedisReservation):
             super().settle(reservation, used_tokens)
             return
