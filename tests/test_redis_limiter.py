@@ -21,6 +21,7 @@ from typing import Any, Callable, Dict, Iterator, List
 import pytest
 
 from throttled_openai import (
+    BudgetExhausted,
     Cancelled,
     LimiterUnavailable,
     Limits,
@@ -31,6 +32,7 @@ from throttled_openai import (
     RequestTooLarge,
     ThrottledClient,
 )
+from throttled_openai.headers import parse_rate_limit_headers
 from throttled_openai.testing import FakeOpenAI, RedisServer
 
 redis = pytest.importorskip("redis")
@@ -179,6 +181,60 @@ def test_a_limit_learned_from_headers_reaches_the_other_limiters(url: str) -> No
     assert other.token_burst(KEY) == pytest.approx(1000 * 1.0)  # one second's budget: 1.15 s - 0.15 s
     assert other.limits_known(KEY)
     assert other.snapshot()["gpt-test"]["tokens_limit"] == 60_000
+
+
+def test_a_per_day_limit_in_the_headers_is_a_budget_and_never_reaches_redis_as_a_rate(url: str) -> None:
+    learner, other = make(url), make(url)
+    reservation = learner.acquire(KEY, 0)
+    day = parse_rate_limit_headers(
+        {"x-ratelimit-limit-requests": "10000", "x-ratelimit-remaining-requests": "1",
+         "x-ratelimit-reset-requests": "23h59m51.36s"}
+    )  # fmt: skip
+    learner.observe(reservation, day)
+    learner.settle(reservation, 0)
+    state = learner.snapshot()["gpt-test"]
+    assert state["requests_budget_limit"] == 10000 and state["requests_budget_source"] == "headers"
+    rate = other.request_rate(KEY)  # not 10,000 per minute in Redis either: at most the provisional 60
+    assert rate is None or rate <= 1.0
+    learner.acquire(KEY, 0)  # the last one left today
+    with pytest.raises(BudgetExhausted):
+        learner.acquire(KEY, 0, timeout=1)
+
+
+def test_the_shared_burst_is_learned_from_the_servers_reset_not_from_our_count(url: str) -> None:
+    first, second = make(url, tpm=60_000), make(url, tpm=60_000)
+    reservation = first.acquire(KEY, 852)
+    # The server counted 639 of our 852 and holds 1,000 (one second of 60,000 TPM), as its reset shows.
+    headers = parse_rate_limit_headers(
+        {"x-ratelimit-limit-tokens": "60000", "x-ratelimit-remaining-tokens": "361",
+         "x-ratelimit-reset-tokens": "639ms"}
+    )  # fmt: skip
+    first.observe(reservation, headers)
+    first.settle(reservation, 852)
+    burst = second.token_burst(KEY)
+    assert burst is not None and burst <= 1000
+
+
+def test_waiting_callers_fail_when_a_limit_learned_through_redis_shows_they_never_fit(url: str) -> None:
+    limiter = make(url)
+    probe = limiter.acquire(KEY, 100)  # nothing known: the others wait for the probe's answer
+    errors: List[BaseException] = []
+
+    def call() -> None:
+        try:
+            limiter.acquire(KEY, 9000, timeout=30)
+        except BaseException as error:
+            errors.append(error)
+
+    waiter = threading.Thread(target=call)
+    waiter.start()
+    time.sleep(0.1)
+    started = time.monotonic()
+    limiter.observe(probe, RateLimitHeaders(limit_tokens=6000, remaining_tokens=5900, reset_tokens=1.0))
+    limiter.settle(probe, 100)
+    waiter.join(10)
+    assert time.monotonic() - started < 5
+    assert len(errors) == 1 and isinstance(errors[0], RequestTooLarge)
 
 
 def test_what_the_server_says_remains_lowers_every_limiter(url: str) -> None:

@@ -441,14 +441,13 @@ class RateLimiter:
                 if now >= deadline:
                     raise RateLimitTimeout(key[1], retry_after=1.0, max_wait=timeout or 0.0)
             else:
-                self._check_budgets(key, state, tokens, now, deadline, timeout)
-                for kind in _KINDS:
-                    for bucket in state.buckets(kind):
-                        bucket.advance(now)
+                state.requests.advance(now)
+                state.tokens.advance(now)
                 go_at = max(
+                    state.requests.earliest(1, now),
+                    state.tokens.earliest(tokens, now),
                     state.paused_until,
-                    *(bucket.earliest(1, now) for bucket in state.buckets("requests")),
-                    *(bucket.earliest(tokens, now) for bucket in state.buckets("tokens")),
+                    self._budgets_ready(key, state, tokens, now, deadline, timeout),
                 )
                 if go_at <= now:
                     for kind, units in (("requests", 1), ("tokens", tokens)):
@@ -463,23 +462,47 @@ class RateLimiter:
                     raise RateLimitTimeout(key[1], retry_after=go_at - now, max_wait=timeout or 0.0)
             self._wait_locked(state, go_at - now if cancel is None else min(go_at - now, _CANCEL_CHECK_SECONDS))
 
-    def _check_budgets(
-        self, key: LimitKey, state: _KeyState, tokens: int, now: float, deadline: float, timeout: Optional[float]
-    ) -> None:
-        """Raise :class:`BudgetExhausted` when a long-window budget cannot hold this call within the
-        allowed wait (two minutes when ``timeout`` is ``None``). Called under the lock."""
+    @staticmethod
+    def _budgets_ready(
+        key: LimitKey, state: _KeyState, tokens: int, now: float, deadline: float, timeout: Optional[float]
+    ) -> float:
+        """When the long-window budgets hold this call (``now`` if there are none); raises
+        :class:`BudgetExhausted` when that is past the allowed wait (two minutes when ``timeout`` is
+        ``None``). Called under the lock."""
         bound = min(deadline, now + _MAX_BUDGET_WAIT) if timeout is None else deadline
+        ready = now
         for kind, units in (("requests", 1), ("tokens", tokens)):
             budget = state.budgets.get(kind)
             if budget is None:
                 continue
             budget.advance(now)
-            ready = budget.earliest(units, now)
-            if ready > bound:
+            at = budget.earliest(units, now)
+            if at > bound:
                 raise BudgetExhausted(
                     key[1], kind, budget.limit or 0.0, budget.window, budget.source or HEADERS,
-                    retry_after=ready - now, max_wait=_MAX_BUDGET_WAIT if timeout is None else timeout,
+                    retry_after=at - now, max_wait=_MAX_BUDGET_WAIT if timeout is None else timeout,
                 )  # fmt: skip
+            ready = max(ready, at)
+        return ready
+
+    @staticmethod
+    def _ended(state: _KeyState, reservation: Reservation, now: float, sent: bool) -> None:
+        """Bookkeeping of a reservation's end shared by both limiters. Called under the lock."""
+        reservation.done = True
+        state.in_flight -= 1
+        if sent and not reservation.observed:  # what it cost the server was never seen
+            state.full_at = max(state.full_at, now + MINUTE)
+
+    @staticmethod
+    def _charge_usage(buckets: Tuple[_Bucket, ...], extra: float, now: float) -> None:
+        """Charge ``extra`` tokens used beyond a reservation (or give back what it over-booked)."""
+        for bucket in buckets:
+            if bucket.active:
+                bucket.advance(now)
+                if extra > 0:
+                    bucket.take(extra)
+                else:
+                    bucket.give_back(-extra)
 
     def _wait_locked(self, state: _KeyState, seconds: float) -> None:
         """Wait (the lock held on entry and exit) up to ``seconds``, or less if notified."""
@@ -499,10 +522,9 @@ class RateLimiter:
         with self._lock:
             if reservation.done:
                 return
-            reservation.done = True
             state = self._keys[reservation.key]
-            state.in_flight -= 1
             now = self._clock()
+            self._ended(state, reservation, now, sent=False)
             for kind, units in (("requests", 1.0), ("tokens", float(reservation.tokens))):
                 for bucket in state.buckets(kind):
                     bucket.advance(now)
@@ -521,22 +543,13 @@ class RateLimiter:
         with self._lock:
             if reservation.done:
                 return
-            reservation.done = True
             state = self._keys[reservation.key]
-            state.in_flight -= 1
             now = self._clock()
-            if not reservation.observed:  # sent, but what it cost the server was never seen
-                state.full_at = max(state.full_at, now + MINUTE)
+            self._ended(state, reservation, now, sent=True)
             # A refusal whose headers were observed already left our tokens out of the level.
             if used_tokens is not None and not reservation.refused:
                 extra = used_tokens - reservation.tokens
-                for bucket in state.buckets("tokens"):
-                    if bucket.active:
-                        bucket.advance(now)
-                        if extra > 0:
-                            bucket.take(extra)
-                        else:
-                            bucket.give_back(-extra)
+                self._charge_usage(state.buckets("tokens"), extra, now)
                 if extra < 0:
                     state.wakeup.notify()
             self._end_probe(state, reservation, learned=False)
@@ -583,10 +596,8 @@ class RateLimiter:
                 margin = bucket.rate * _JITTER_SECONDS
                 # What the server's bucket holds when full: by its reset (exact, in its own units), else at
                 # least what it had before this request (in ours: too high if the cost factor is).
-                reset = getattr(headers, f"reset_{kind}")
-                if reset is not None and bucket.limit is not None:
-                    full = remaining + reset * bucket.limit / bucket.window
-                else:
+                full = _server_full(bucket, remaining, getattr(headers, f"reset_{kind}"))
+                if full is None:
                     full = remaining + (1.0 if kind == "requests" else reservation.tokens) * accepted
                 grown = max(0.0, min(bucket.ceiling, full - margin) - bucket.capacity)
                 bucket.capacity += grown
@@ -809,6 +820,14 @@ class RateLimiter:
             )
         default = f"rpm={self._default.rpm} tpm={self._default.tpm}"
         return f"<RateLimiter {default} [{'; '.join(parts)}]>"
+
+
+def _server_full(bucket: _Bucket, remaining: Optional[float], reset: Optional[float]) -> Optional[float]:
+    """What the server's per-minute bucket holds when full, in its own units: ``remaining`` plus what
+    its ``reset`` shows refilling (``None`` when either is unknown)."""
+    if remaining is None or reset is None or bucket.limit is None:
+        return None
+    return remaining + reset * bucket.limit / bucket.window
 
 
 def _missing(limit: float, remaining: Optional[float], reset: float) -> Optional[float]:

@@ -44,12 +44,14 @@ from .headers import RateLimitHeaders
 from .limiter import (
     _CANCEL_CHECK_SECONDS,
     _JITTER_SECONDS,
+    _KINDS,
     _MIN_BURST_SECONDS,
     LimitKey,
     Limits,
     RateLimiter,
     Reservation,
     _KeyState,
+    _server_full,
 )
 
 __all__ = ["RedisRateLimiter"]
@@ -239,7 +241,8 @@ return 1
 """
 
 # ARGV[8]: accepted (1/0); [9]: Redis time of the reservation; [10]: its tokens; [11], [12]: booked
-# totals after it; [13]..[16]: limit and remaining requests, limit and remaining tokens ('': not sent).
+# totals after it; [13]..[16]: limit and remaining requests, limit and remaining tokens ('': not sent);
+# [17], [18]: what the server's request and token buckets hold when full, by their reset ('': unknown).
 _OBSERVE = """
 local accepted = ARGV[8] == '1'
 local elapsed = math.max(0, now - tonumber(ARGV[9]))
@@ -247,6 +250,8 @@ local cost = {r = 1, t = tonumber(ARGV[10])}
 local mark = {r = tonumber(ARGV[11]), t = tonumber(ARGV[12])}
 local limit = {r = tonumber(ARGV[13]), t = tonumber(ARGV[15])}
 local remaining = {r = tonumber(ARGV[14]), t = tonumber(ARGV[16])}
+-- What the server's bucket holds when full, by its reset, in its own units ('' when unknown).
+local full = {r = tonumber(ARGV[17]), t = tonumber(ARGV[18])}
 local extra = {answered = 1}
 for _, b in ipairs({'r', 't'}) do
   if limit[b] and limit[b] >= 1 and limit[b] ~= h[b .. 'server'] then
@@ -262,9 +267,12 @@ for _, B in pairs({R, T}) do
   local left = remaining[B.b]
   if left then
     local margin = B.rate * tonumber(ARGV[5])
-    local taken = 0
-    if accepted then taken = cost[B.b] end
-    local grown = math.max(0, math.min(B.ceil, left + taken - margin) - B.cap)
+    local top = full[B.b]
+    if not top then
+      top = left
+      if accepted then top = left + cost[B.b] end
+    end
+    local grown = math.max(0, math.min(B.ceil, top - margin) - B.cap)
     B.cap = B.cap + grown
     local seen = left + B.rate * elapsed - margin - (B.booked - mark[B.b])
     B.level = math.min(B.level + grown, room(B), seen)
@@ -542,7 +550,15 @@ class RedisRateLimiter(RateLimiter):
                     raise self._unavailable()
                 if cancel is not None and cancel.is_set():
                     raise Cancelled(f"wait for model {key[1]!r} cancelled")
+                too_large = state.too_large(key[1], tokens)  # a limit may have been learned meanwhile
+                if too_large is not None:
+                    raise too_large
                 now = self._clock()
+                # Long-window budgets (per day) are kept in this process, from the server's `remaining`.
+                budgets_at = self._budgets_ready(key, state, tokens, now, deadline, timeout)
+                if budgets_at > now:
+                    self._wait_locked(state, min(budgets_at - now, _CANCEL_CHECK_SECONDS if cancel else math.inf))
+                    continue
                 if not state.learned and state.probe is not None:  # no limit known yet: wait for the probe
                     if now >= deadline:
                         raise RateLimitTimeout(key[1], retry_after=1.0, max_wait=timeout or 0.0)
@@ -568,6 +584,10 @@ class RedisRateLimiter(RateLimiter):
                     self._ready[key] = now
                     self._note_take(key, now, marks, tokens)
                     reservation = _RedisReservation(key, tokens, now, marks, float(reply[1]))
+                    for kind, units in (("requests", 1), ("tokens", tokens)):
+                        budget = state.budgets.get(kind)
+                        if budget is not None:
+                            budget.take(units)
                     if not state.learned:  # no limit known anywhere yet: this call is the probe
                         state.probe = reservation
                         reservation.probe = True
@@ -669,13 +689,24 @@ class RedisRateLimiter(RateLimiter):
 
     # -- ending a reservation --------------------------------------------------------------------
 
-    def _end(self, reservation: Reservation) -> Optional[_KeyState]:
-        """Mark ``reservation`` done; its key's state, or ``None`` if it was done already."""
+    def _end(self, reservation: Reservation, sent: bool, used_tokens: Optional[int] = None) -> Optional[_KeyState]:
+        """Mark ``reservation`` done, and settle the budgets this process keeps (a cancel gives its
+        whole cost back; ``used_tokens`` charges the real usage); its key's state, or ``None`` if it
+        was done already."""
         with self._lock:
             if reservation.done:
                 return None
-            reservation.done = True
             state = self._keys[reservation.key]
+            now = self._clock()
+            self._ended(state, reservation, now, sent)
+            if not sent:
+                for kind, units in (("requests", 1.0), ("tokens", float(reservation.tokens))):
+                    budget = state.budgets.get(kind)
+                    if budget is not None:
+                        budget.advance(now)
+                        budget.give_back(units)
+            elif used_tokens is not None and not reservation.refused and "tokens" in state.budgets:
+                self._charge_usage((state.budgets["tokens"],), used_tokens - reservation.tokens, now)
             self._end_probe(state, reservation, learned=False)
             return state
 
@@ -688,7 +719,7 @@ class RedisRateLimiter(RateLimiter):
         if not isinstance(reservation, _RedisReservation):
             super().cancel(reservation)  # taken while Redis was down
             return
-        state = self._end(reservation)
+        state = self._end(reservation, sent=False)
         if state is not None:
             self._give_back(state, reservation.key, 1, reservation.tokens)
 
@@ -699,7 +730,7 @@ class RedisRateLimiter(RateLimiter):
             return
         if isinstance(used_tokens, bool) or not isinstance(used_tokens, (int, type(None))) or (used_tokens or 0) < 0:
             used_tokens = None
-        state = self._end(reservation)
+        state = self._end(reservation, sent=True, used_tokens=used_tokens)
         if state is not None and used_tokens is not None and not reservation.refused:
             self._give_back(state, reservation.key, 0, reservation.tokens - used_tokens)
 
@@ -714,6 +745,23 @@ class RedisRateLimiter(RateLimiter):
             state = self._keys[reservation.key]
             state.answered = True
             reservation.refused = not accepted
+            now = self._clock()
+            if not accepted and "tokens" in state.budgets:  # a refusal took none of our tokens
+                state.budgets["tokens"].advance(now)
+                state.budgets["tokens"].give_back(reservation.tokens)
+            # Long-window limits stay in this process's budgets; Redis keeps the per-minute ones.
+            headers = self._read_windows(state, reservation, headers, accepted, now)
+            # The local buckets learn the limits too, to limit by them at once if Redis fails later.
+            for kind in _KINDS:
+                limit = getattr(headers, f"limit_{kind}")
+                if limit is not None:
+                    state.minute(kind).learn(limit, self._headroom, self._initial_burst)
+            fulls = [
+                _server_full(
+                    state.minute(kind), getattr(headers, f"remaining_{kind}"), getattr(headers, f"reset_{kind}")
+                )
+                for kind in _KINDS
+            ]
         self._try(
             "observe",
             reservation.key,
@@ -723,14 +771,12 @@ class RedisRateLimiter(RateLimiter):
             *reservation.marks,
             *(_arg(v) for v in (headers.limit_requests, headers.remaining_requests)),
             *(_arg(v) for v in (headers.limit_tokens, headers.remaining_tokens)),
+            *(_arg(v) for v in fulls),
         )
         learned = accepted or headers.limit_requests is not None or headers.limit_tokens is not None
         with self._lock:
-            # The local buckets learn the limits too, to limit by them at once if Redis fails later.
-            for bucket, limit in ((state.requests, headers.limit_requests), (state.tokens, headers.limit_tokens)):
-                if limit is not None:
-                    bucket.learn(limit, self._headroom, self._initial_burst)
             self._end_probe(state, reservation, learned=learned)
+            self._reject_too_large(reservation.key, state)
             state.wakeup.notify()
 
     def pause(self, reservation: Reservation, seconds: float, kind: str = "") -> None:
@@ -770,7 +816,7 @@ class RedisRateLimiter(RateLimiter):
 
     # -- looking at it ---------------------------------------------------------------------------
 
-    def snapshot(self) -> Dict[str, Dict[str, Optional[float]]]:
+    def snapshot(self) -> Dict[str, Dict[str, Any]]:
         """As :meth:`RateLimiter.snapshot`, from Redis (from this process while Redis is down)."""
         out = super().snapshot()
         with self._lock:
