@@ -12,7 +12,7 @@ import pytest
 
 from throttled_openai import BudgetExhausted, RateLimiter, RateLimitHeaders, RequestTooLarge
 from throttled_openai.headers import LimitMessage, parse_limit_message, parse_rate_limit_headers, parse_retry_after
-from throttled_openai.windows import Calibration, WindowVote, estimate_window
+from throttled_openai.windows import Calibration, Refunds, WindowVote, estimate_window
 
 KEY = ("acct", "gpt-test")
 
@@ -371,3 +371,40 @@ def test_the_burst_is_learned_from_the_servers_reset_not_from_our_count_of_the_c
     limiter.settle(reservation, 852)
     burst = limiter.snapshot()["gpt-test"]["tokens_burst"]
     assert burst <= 1000
+
+
+def test_refunds_are_learned_from_what_the_server_consumed() -> None:
+    # 100 tokens booked per request, 60 of them over-booked; the server refills 10 per second.
+    refunding, keeping = Refunds(), Refunds()
+    assert refunding.share == 1.0 and not refunding.seen_refunding
+    for second in range(7):
+        booked, overbooked = 100.0 * second, 60.0 * second
+        # A refunding server consumed 40 per request, one that keeps the estimate 100; both refill 10/s.
+        refunding.observe(float(second), 1000 - 40 * second + 10 * second, booked, overbooked, 10.0)
+        keeping.observe(float(second), 1000 - 100 * second + 10 * second, booked, overbooked, 10.0)
+    assert refunding.share == pytest.approx(1.0) and refunding.seen_refunding
+    assert keeping.share == pytest.approx(0.0) and not keeping.seen_refunding
+
+
+@pytest.mark.parametrize("refunds", [True, False])
+def test_settling_follows_whether_the_server_refunds(refunds: bool) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from throttled_openai import ThrottledClient
+    from throttled_openai.testing import FakeOpenAI
+
+    with FakeOpenAI(rpm=6000, tpm=30_000, bucket_seconds=1.0, settle_usage=refunds, latency=0.02) as server:
+        client = ThrottledClient(base_url=server.base_url, api_key="sk-test", rpm=6000, tpm=30_000)
+
+        def call(i: int) -> object:
+            messages = [{"role": "user", "content": f"line {i}"}]
+            return client.chat.completions.create(model="gpt-4o-mini", messages=messages, max_tokens=60)
+
+        deadline = time.monotonic() + 5.0
+        with ThreadPoolExecutor(8) as pool:
+            while time.monotonic() < deadline:
+                list(pool.map(call, range(16)))
+        share = client.limiter.snapshot()["gpt-4o-mini"]["refund_share"]
+        rate_limited = server.stats()["rate_limited"]
+    assert share == (pytest.approx(1.0, abs=0.2) if refunds else pytest.approx(0.0, abs=0.2))
+    assert rate_limited <= 3

@@ -35,7 +35,7 @@ from typing import Any, Callable, Deque, Dict, Mapping, Optional, Tuple
 
 from .errors import BudgetExhausted, Cancelled, RateLimitTimeout, RequestTooLarge, describe_window
 from .headers import LimitMessage, RateLimitHeaders
-from .windows import MINUTE, Calibration, WindowVote, estimate_window
+from .windows import MINUTE, Calibration, Refunds, WindowVote, estimate_window
 
 __all__ = ["LimitKey", "Limits", "RateLimiter", "Reservation"]
 
@@ -48,6 +48,8 @@ _JITTER_SECONDS = 0.15
 _CANCEL_CHECK_SECONDS = 0.25
 # Smallest burst, in seconds of budget, that repeated 429s may shrink a bucket to.
 _MIN_BURST_SECONDS = 0.2
+# Returns (refunds, cancels, refusals) a bucket remembers, to tell which came after a response's headers.
+_RETURNS_KEPT = 1024
 # With ``max_wait=None``, the longest a call waits for a long-window budget (per day) to refill, in
 # seconds, before it raises BudgetExhausted: a job should not sit silent for hours.
 _MAX_BUDGET_WAIT = 120.0
@@ -84,6 +86,35 @@ class Limits:
         _check_limit("tpm", self.tpm)
 
 
+class _Ledger:
+    """A running total with a log of when it grew, to tell how much it grew after a given moment."""
+
+    __slots__ = ("log", "total")
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self.log: Deque[Tuple[float, float]] = deque(maxlen=_RETURNS_KEPT)  # (when, total then)
+
+    def add(self, when: float, units: float) -> None:
+        self.total += units
+        self.log.append((when, self.total))
+
+    def since(self, moment: float) -> float:
+        """How much was added after ``moment`` (monotonic seconds), as far as the log reaches back."""
+        before: Optional[float] = None
+        after: Optional[float] = None
+        for stamp, total in reversed(self.log):
+            if stamp <= moment:
+                before = total
+                break
+            after = total
+        if after is None:
+            return 0.0
+        if before is None:  # every logged addition came after `moment`: from the log's start, if it has one
+            before = 0.0 if len(self.log) < _RETURNS_KEPT else after
+        return self.total - before
+
+
 class _Bucket:
     """One budget: ``level`` units were available at ``stamp``; refills at ``rate`` per second up to
     ``capacity``. ``level`` goes negative only after a call larger than the burst or a usage above
@@ -91,7 +122,8 @@ class _Bucket:
     per-minute limit); ``source``: where the limit came from (configured, headers or a 429)."""
 
     __slots__ = (
-        "booked", "capacity", "ceiling", "configured", "hold", "level", "limit", "rate", "source", "stamp", "window",
+        "booked", "capacity", "ceiling", "configured", "hold", "level", "limit", "rate", "returns", "source",
+        "stamp", "window",
     )  # fmt: skip
 
     def __init__(self, configured: Optional[float], headroom: float, initial_burst: float, now: float) -> None:
@@ -105,6 +137,7 @@ class _Bucket:
         self.level = 0.0
         self.stamp = now
         self.booked = 0.0  # running total of units taken, to reconcile with the server's `remaining`
+        self.returns = _Ledger()  # units given back (refunds, cancels, refusals)
         # The cost of a call bigger than the burst that is waiting at the head: while it waits, the level
         # may fill up to it, so it goes once its whole cost has refilled (not a burst's worth).
         self.hold = 0.0
@@ -170,8 +203,10 @@ class _Bucket:
             self.level -= units
 
     def give_back(self, units: float) -> None:
+        """Return ``units`` (call :meth:`advance` first: the return is logged at its time)."""
         if self.active:
             self.level = min(self.room, self.level + units)
+            self.returns.add(self.stamp, units)
 
 
 class _Ticket:
@@ -197,9 +232,11 @@ class _KeyState:
         "learned",
         "line",
         "message_limits",
+        "overbooked",
         "paused_until",
         "probe",
         "provisional_at",
+        "refunds",
         "requests",
         "shrunk_at",
         "tokens",
@@ -216,6 +253,8 @@ class _KeyState:
         self.message_limits: Dict[str, float] = {}  # per-minute limits named by 429 messages
         self.provisional_at = now  # when the provisional per-minute request limit last doubled
         self.calibration = Calibration()
+        self.refunds = Refunds()  # whether the server refunds what an estimate over-booked
+        self.overbooked = _Ledger()  # what settlements found over-booked, refunded by the server or not
         self.in_flight = 0  # reservations taken and not yet ended
         self.full_at = now  # when the server's token bucket is full again, by the last reset it sent
         # With no limit given at all, one request (the probe) goes first to learn them from headers,
@@ -494,6 +533,16 @@ class RateLimiter:
             state.full_at = max(state.full_at, now + MINUTE)
 
     @staticmethod
+    def _settled_extra(state: _KeyState, reservation: Reservation, used_tokens: int, now: float) -> float:
+        """Tokens to charge (negative: give back) when a request used ``used_tokens``: all of what it used
+        beyond its booking, and of what it over-booked the share the server is seen to refund."""
+        extra = used_tokens - reservation.tokens
+        if extra >= 0:
+            return float(extra)
+        state.overbooked.add(now, -extra)
+        return extra * state.refunds.share
+
+    @staticmethod
     def _charge_usage(buckets: Tuple[_Bucket, ...], extra: float, now: float) -> None:
         """Charge ``extra`` tokens used beyond a reservation (or give back what it over-booked)."""
         for bucket in buckets:
@@ -548,7 +597,7 @@ class RateLimiter:
             self._ended(state, reservation, now, sent=True)
             # A refusal whose headers were observed already left our tokens out of the level.
             if used_tokens is not None and not reservation.refused:
-                extra = used_tokens - reservation.tokens
+                extra = self._settled_extra(state, reservation, used_tokens, now)
                 self._charge_usage(state.buckets("tokens"), extra, now)
                 if extra < 0:
                     state.wakeup.notify()
@@ -601,8 +650,20 @@ class RateLimiter:
                     full = remaining + (1.0 if kind == "requests" else reservation.tokens) * accepted
                 grown = max(0.0, min(bucket.ceiling, full - margin) - bucket.capacity)
                 bucket.capacity += grown
-                seen = remaining + bucket.rate * elapsed - margin - (bucket.booked - mark)
-                bucket.level = min(bucket.level + grown, bucket.room, seen)
+                # What the server holds now: what it had left after this request, refilled since, less what
+                # we took after it, plus what came back after it was counted (a refund that happened
+                # while this request was in flight is not in its `remaining`). When the server counted it
+                # is not known; half-way through its round trip is the conservative guess.
+                if kind == "tokens" and accepted and bucket.limit is not None:
+                    overbooked = state.overbooked.total - state.overbooked.since(reservation.ready_at)
+                    rate = bucket.limit / bucket.window
+                    state.refunds.observe(reservation.ready_at, remaining, mark, overbooked, rate)
+                returned = bucket.returns.since(reservation.ready_at + elapsed / 2)
+                seen = remaining + bucket.rate * elapsed - margin - (bucket.booked - mark) + returned
+                # The level goes down to what the server holds; up to it only once the server is seen to
+                # refund (then our view lags it by the refunds made early in each request's flight).
+                raise_to = seen if kind == "tokens" and state.refunds.seen_refunding else bucket.level + grown
+                bucket.level = min(raise_to, bucket.room, seen)
             # A success ends the probe: with headers the limits are now known, and a server that sends
             # none will not send them later either. An error without limits lets the next caller probe.
             learned = accepted or headers.limit_requests is not None or headers.limit_tokens is not None
@@ -675,8 +736,11 @@ class RateLimiter:
         state: _KeyState, reservation: Reservation, missing: Optional[float], full_at: float, accepted: bool
     ) -> None:
         """``missing``: tokens the server's bucket lacked right after this request (see :func:`_missing`).
-        For a request sent alone into a full bucket, that is the server's count of its cost."""
-        if accepted and reservation.quiet and reservation.estimate > 0 and missing is not None and missing > 0:
+        For a request sent alone into a full bucket, and answered before any other was sent, that is
+        the server's count of its cost."""
+        # Alone until answered: a call booked after it may have reached the server first.
+        alone = reservation.quiet and state.requests.booked == reservation.marks[0]
+        if accepted and alone and reservation.estimate > 0 and missing is not None and missing > 0:
             state.calibration.add(missing, reservation.estimate)
         state.full_at = max(state.full_at, full_at)
 
@@ -780,6 +844,7 @@ class RateLimiter:
                     "paused_for": max(0.0, state.paused_until - now),
                     "waiting": len(state.line) + int(state.head),
                     "cost_factor": state.calibration.factor,
+                    "refund_share": state.refunds.share,
                 }
                 for name in _KINDS:
                     bucket = state.minute(name)
@@ -816,6 +881,7 @@ class RateLimiter:
             parts.append(
                 f"{model}: {', '.join(limits)}, waiting={entry['waiting']:.0f}"
                 + (f", cost x{entry['cost_factor']:.2f}" if entry["cost_factor"] != 1.0 else "")
+                + (f", refunds {entry['refund_share']:.0%}" if entry["refund_share"] != 1.0 else "")
                 + (f", paused {entry['paused_for']:.2f}s" if entry["paused_for"] else "")
             )
         default = f"rpm={self._default.rpm} tpm={self._default.tpm}"

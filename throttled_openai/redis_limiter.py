@@ -689,13 +689,16 @@ class RedisRateLimiter(RateLimiter):
 
     # -- ending a reservation --------------------------------------------------------------------
 
-    def _end(self, reservation: Reservation, sent: bool, used_tokens: Optional[int] = None) -> Optional[_KeyState]:
+    def _end(
+        self, reservation: Reservation, sent: bool, used_tokens: Optional[int] = None
+    ) -> Tuple[Optional[_KeyState], float]:
         """Mark ``reservation`` done, and settle the budgets this process keeps (a cancel gives its
-        whole cost back; ``used_tokens`` charges the real usage); its key's state, or ``None`` if it
-        was done already."""
+        whole cost back; ``used_tokens`` charges the real usage). Returns its key's state (``None`` if
+        it was done already) and the tokens to charge in Redis for its usage (negative: give back)."""
+        extra = 0.0
         with self._lock:
             if reservation.done:
-                return None
+                return None, extra
             state = self._keys[reservation.key]
             now = self._clock()
             self._ended(state, reservation, now, sent)
@@ -705,12 +708,14 @@ class RedisRateLimiter(RateLimiter):
                     if budget is not None:
                         budget.advance(now)
                         budget.give_back(units)
-            elif used_tokens is not None and not reservation.refused and "tokens" in state.budgets:
-                self._charge_usage((state.budgets["tokens"],), used_tokens - reservation.tokens, now)
+            elif used_tokens is not None and not reservation.refused:
+                extra = self._settled_extra(state, reservation, used_tokens, now)
+                if "tokens" in state.budgets:
+                    self._charge_usage((state.budgets["tokens"],), extra, now)
             self._end_probe(state, reservation, learned=False)
-            return state
+            return state, extra
 
-    def _give_back(self, state: _KeyState, key: LimitKey, requests: int, tokens: int) -> None:
+    def _give_back(self, state: _KeyState, key: LimitKey, requests: int, tokens: float) -> None:
         if (requests or tokens) and self._try("give_back", key, requests, tokens) is not None and tokens >= 0:
             with self._lock:
                 state.wakeup.notify()  # our own head sees the refund at once; others at their next poll
@@ -719,7 +724,7 @@ class RedisRateLimiter(RateLimiter):
         if not isinstance(reservation, _RedisReservation):
             super().cancel(reservation)  # taken while Redis was down
             return
-        state = self._end(reservation, sent=False)
+        state, _ = self._end(reservation, sent=False)
         if state is not None:
             self._give_back(state, reservation.key, 1, reservation.tokens)
 
@@ -730,9 +735,9 @@ class RedisRateLimiter(RateLimiter):
             return
         if isinstance(used_tokens, bool) or not isinstance(used_tokens, (int, type(None))) or (used_tokens or 0) < 0:
             used_tokens = None
-        state = self._end(reservation, sent=True, used_tokens=used_tokens)
-        if state is not None and used_tokens is not None and not reservation.refused:
-            self._give_back(state, reservation.key, 0, reservation.tokens - used_tokens)
+        state, extra = self._end(reservation, sent=True, used_tokens=used_tokens)
+        if state is not None and extra:
+            self._give_back(state, reservation.key, 0, -extra)
 
     # -- learning from the server ----------------------------------------------------------------
 
@@ -756,6 +761,11 @@ class RedisRateLimiter(RateLimiter):
                 limit = getattr(headers, f"limit_{kind}")
                 if limit is not None:
                     state.minute(kind).learn(limit, self._headroom, self._initial_burst)
+                    if kind == "tokens" and accepted and headers.remaining_tokens is not None:
+                        overbooked = state.overbooked.total - state.overbooked.since(reservation.ready_at)
+                        state.refunds.observe(
+                            reservation.ready_at, headers.remaining_tokens, reservation.marks[1], overbooked, limit / 60
+                        )
             fulls = [
                 _server_full(
                     state.minute(kind), getattr(headers, f"remaining_{kind}"), getattr(headers, f"reset_{kind}")

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from typing import Deque, Optional
+from typing import Deque, Optional, Tuple
 
-__all__ = ["LONG_WINDOW_SECONDS", "MINUTE", "Calibration", "WindowVote", "estimate_window"]
+__all__ = ["LONG_WINDOW_SECONDS", "MINUTE", "Calibration", "Refunds", "WindowVote", "estimate_window"]
 
 MINUTE = 60.0
 #: A window estimate at or above this many seconds makes a limit a long-window budget. Per-minute limits
@@ -110,6 +110,57 @@ class Calibration:
     def charge(self, estimated: int) -> int:
         """Our estimate in the server's units: what the limiter books."""
         return estimated if self.factor == 1.0 else math.ceil(estimated * self.factor)
+
+
+class Refunds:
+    """Whether the server gives back what a request's estimate over-booked once its usage is known.
+
+    OpenAI-compatible servers differ: some charge the estimate and refund the unused output cap when the
+    response ends, others keep the estimate charged. Settling against ``usage`` must follow the server,
+    or the client's view drifts above the server's and draws 429s. Over a stretch of a few seconds the
+    server's own count of what it consumed is ``remaining`` then, minus ``remaining`` now, plus its
+    refill; against what we booked (``A``) and what our settlements would give back (``G``), the share
+    refunded is ``(A - consumed) / G``. Other processes spending the same limit, and a bucket that was
+    full for a while, make a sample lower, which errs on the safe side. :attr:`share` is the median of
+    the last few samples (1.0, a refunding server, before any).
+
+    Not thread-safe: the limiter calls it under its lock.
+    """
+
+    __slots__ = ("_anchor", "_samples", "share")
+
+    #: Seconds a sample spans at least: long enough that requests in flight at its ends do not matter.
+    SPAN = 2.0
+
+    def __init__(self) -> None:
+        self._samples: Deque[float] = deque(maxlen=5)
+        self._anchor: Optional[Tuple[float, float, float, float]] = None  # when, remaining, booked, overbooked
+        self.share = 1.0
+
+    @property
+    def seen_refunding(self) -> bool:
+        """Whether samples show the server refunding (most of) what was over-booked."""
+        return bool(self._samples) and self.share >= 0.5
+
+    def observe(self, when: float, remaining: float, booked: float, overbooked: float, rate: float) -> None:
+        """A response: ``remaining`` tokens at the server when it counted a request sent at ``when``;
+        ``booked`` and ``overbooked``: our running totals of tokens booked and of over-booking settled
+        by then; ``rate``: the server's refill in tokens per second."""
+        anchor = self._anchor
+        if anchor is None or when < anchor[0]:
+            self._anchor = (when, remaining, booked, overbooked)
+            return
+        span = when - anchor[0]
+        if span < self.SPAN:
+            return
+        self._anchor = (when, remaining, booked, overbooked)
+        given = overbooked - anchor[3]
+        booked_between = booked - anchor[2]
+        if given < max(1.0, 0.1 * booked_between):  # too little over-booking settled to tell
+            return
+        consumed = anchor[1] - remaining + rate * span
+        self._samples.append(min(1.0, max(0.0, (booked_between - consumed) / given)))
+        self.share = _median(self._samples)
 
 
 def _median(values: Deque[float]) -> float:
