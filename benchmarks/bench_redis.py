@@ -140,15 +140,7 @@ def run_shared(scenario: Scenario, mode: Mode) -> Result:
         redis_server = stack.enter_context(RedisServer()) if mode.redis else None
         redis_url = redis_server.url if redis_server else None
         identity = _redis_identity(redis_url)
-        config = {
-            "base_url": server.base_url,
-            "redis_url": redis_url,
-            "rpm": scenario.rpm if mode.given else None,
-            "tpm": scenario.tpm if mode.given else None,
-            "threads": THREADS,
-            "calls": scenario.calls // PROCESSES,
-            "max_tokens": scenario.max_tokens,
-        }
+        config = _worker_config(scenario, mode, server.base_url, redis_url)
         # 2. Start the workers and wait until each has built its client, then let them go together.
         workers = _start_workers(config)
         for worker in workers:
@@ -197,6 +189,22 @@ def run_shared(scenario: Scenario, mode: Mode) -> Result:
         cpu_ms=sum(report["cpu"] for report in reports) / max(1, len(done_at)) * 1000,
         notes=notes,
     )
+
+
+def _worker_config(
+    scenario: Scenario, mode: Mode, base_url: str, redis_url: Optional[str], **extra: Any
+) -> Dict[str, Any]:
+    """What each worker process is told: where the servers are, the limits it is given, its share."""
+    return {
+        "base_url": base_url,
+        "redis_url": redis_url,
+        "rpm": scenario.rpm if mode.given else None,
+        "tpm": scenario.tpm if mode.given else None,
+        "threads": THREADS,
+        "calls": scenario.calls // PROCESSES,
+        "max_tokens": scenario.max_tokens,
+        **extra,
+    }
 
 
 def _start_workers(config: Dict[str, Any]) -> List[subprocess.Popen[str]]:
@@ -510,16 +518,7 @@ def run_failover(scenario: Scenario, mode: Mode) -> Failover:
     with contextlib.ExitStack() as stack:
         server = stack.enter_context(ServerProcess(rpm=scenario.rpm, tpm=scenario.tpm, **SERVER))
         redis_server = stack.enter_context(RedisServer())
-        config = {
-            "base_url": server.base_url,
-            "redis_url": redis_server.url,
-            "on_error": "local",
-            "rpm": scenario.rpm if mode.given else None,
-            "tpm": scenario.tpm if mode.given else None,
-            "threads": THREADS,
-            "calls": scenario.calls // PROCESSES,
-            "max_tokens": scenario.max_tokens,
-        }
+        config = _worker_config(scenario, mode, server.base_url, redis_server.url, on_error="local")
         workers = _start_workers(config)
         for worker in workers:
             stack.callback(_kill, worker)

@@ -410,7 +410,6 @@ class RateLimiter:
                 state.line.append(ticket)
             else:
                 state.head = True
-        head = ticket is None
         try:
             if ticket is not None:
                 while not ticket.turn.wait(_slice(deadline - self._clock(), cancel)):
@@ -425,7 +424,6 @@ class RateLimiter:
                 if ticket.too_large is not None:  # taken out of the line by a limit learned meanwhile
                     raise ticket.too_large
             with self._lock:
-                head = True
                 # The line may have waited long for that turn, and the factor moved: count again.
                 charge = state.calibration.charge(tokens)
                 try:
@@ -439,9 +437,10 @@ class RateLimiter:
         finally:
             # However this ends (taken, timed out, interrupted): leave the line, or pass the head role on.
             with self._lock:
-                if not head:
-                    if ticket is not None and ticket in state.line:
-                        state.line.remove(ticket)  # never became head
+                if ticket is not None and ticket in state.line:
+                    state.line.remove(ticket)  # never became head
+                elif ticket is not None and ticket.too_large is not None:
+                    pass  # taken out of the line as too large: never became head
                 elif state.line:
                     state.line.popleft().turn.set()  # `head` stays True: the next caller holds it
                 else:
