@@ -211,6 +211,8 @@ def main(argv: Optional[List[str]] = None) -> None:
                             flush=True,
                         )
     print(f"\nLowest utilization: {worst:.3f}\n")
+    if args.only:
+        return
     print("Zero config, headers showing 10,000 requests per day; the per-minute limit is 600.\n")
     print("| bucket | calls | most sent in 1 s | allowed in 1 s | 429s/request | lost | rpm learned | budget | s |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -46,6 +46,9 @@ LimitKey = Tuple[str, str]
 _JITTER_SECONDS = 0.15
 # With a cancel event, waits are cut into slices this long (seconds) to notice it.
 _CANCEL_CHECK_SECONDS = 0.25
+# Share of a bucket's burst also kept back from the server's view: with a minute's burst, 0.15 s of
+# refill is less than one request, and many requests in flight round that many times.
+_MARGIN_SHARE = 0.01
 # Smallest burst, in seconds of budget, that repeated 429s may shrink a bucket to.
 _MIN_BURST_SECONDS = 0.2
 # Returns (refunds, cancels, refusals) a bucket remembers, to tell which came after a response's headers.
@@ -641,7 +644,7 @@ class RateLimiter:
                     bucket.learn(limit, self._headroom, self._initial_burst)
                 if remaining is None or not bucket.active:
                     continue
-                margin = bucket.rate * _JITTER_SECONDS
+                margin = max(bucket.rate * _JITTER_SECONDS, _MARGIN_SHARE * bucket.capacity)
                 # What the server's bucket holds when full: by its reset (exact, in its own units), else at
                 # least what it had before this request (in ours: too high if the cost factor is).
                 full = _server_full(bucket, remaining, getattr(headers, f"reset_{kind}"))
