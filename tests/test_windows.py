@@ -82,6 +82,7 @@ def test_per_day_headers_become_a_budget_not_a_per_minute_rate() -> None:
     assert state["requests_budget_window"] == pytest.approx(86400, rel=0.01)
     assert state["requests_budget_source"] == "headers"
     assert state["requests_budget_level"] == pytest.approx(9999, abs=1)
+    assert state["requests_window"] == 60 and state["tokens_window"] is None
     assert "budget=10000/day (headers)" in repr(limiter)
 
 

@@ -833,7 +833,8 @@ class RateLimiter:
     # -- looking at it ---------------------------------------------------------------------------
 
     def snapshot(self) -> Dict[str, Dict[str, Any]]:
-        """Per-model state for debugging: for ``requests`` and ``tokens``, the per-minute limit, where it
+        """Per-model state for debugging: for ``requests`` and ``tokens``, the per-minute limit (its
+        ``*_window`` is 60 seconds), where it
         came from (``"configured"``, ``"headers"``, ``"429"``, or ``"provisional"``: a request rate that
         starts at 60 a minute and doubles every 5 s while only a long-window limit is known), burst and
         level now, and any long-window budget (``*_budget_limit``, ``*_budget_window`` in seconds, ``*_budget_level``,
@@ -852,6 +853,7 @@ class RateLimiter:
                     bucket = state.minute(name)
                     bucket.advance(now)
                     entry[f"{name}_limit"] = bucket.limit
+                    entry[f"{name}_window"] = bucket.window if bucket.active else None
                     entry[f"{name}_source"] = bucket.source
                     entry[f"{name}_burst"] = bucket.capacity if bucket.active else None
                     entry[f"{name}_level"] = bucket.level if bucket.active else None
