@@ -381,10 +381,14 @@ def test_refunds_are_learned_from_what_the_server_consumed() -> None:
     for second in range(7):
         booked, overbooked = 100.0 * second, 60.0 * second
         # A refunding server consumed 40 per request, one that keeps the estimate 100; both refill 10/s.
-        refunding.observe(float(second), 1000 - 40 * second + 10 * second, booked, overbooked, 10.0)
-        keeping.observe(float(second), 1000 - 100 * second + 10 * second, booked, overbooked, 10.0)
+        refunding.observe(float(second), 700 - 40 * second + 10 * second, booked, overbooked, 10.0, 1000.0)
+        keeping.observe(float(second), 700 - 100 * second + 10 * second, booked, overbooked, 10.0, None)
     assert refunding.share == pytest.approx(1.0) and refunding.seen_refunding
     assert keeping.share == pytest.approx(0.0) and not keeping.seen_refunding
+    idle = Refunds()  # a bucket near full loses refill: that must not read as refunds withheld
+    for second in range(7):
+        idle.observe(float(second), 990.0, 100.0 * second, 60.0 * second, 10.0, 1000.0)
+    assert idle.share == 1.0 and not idle.seen_refunding
 
 
 @pytest.mark.parametrize("refunds", [True, False])

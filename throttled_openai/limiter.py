@@ -659,7 +659,8 @@ class RateLimiter:
                 if kind == "tokens" and accepted and bucket.limit is not None:
                     overbooked = state.overbooked.total - state.overbooked.since(reservation.ready_at)
                     rate = bucket.limit / bucket.window
-                    state.refunds.observe(reservation.ready_at, remaining, mark, overbooked, rate)
+                    full_now = _server_full(bucket, remaining, getattr(headers, f"reset_{kind}"))
+                    state.refunds.observe(reservation.ready_at, remaining, mark, overbooked, rate, full_now)
                 returned = bucket.returns.since(reservation.ready_at + elapsed / 2)
                 seen = remaining + bucket.rate * elapsed - margin - (bucket.booked - mark) + returned
                 # The level goes down to what the server holds; up to it only once the server is seen to

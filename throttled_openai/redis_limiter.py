@@ -763,9 +763,11 @@ class RedisRateLimiter(RateLimiter):
                     state.minute(kind).learn(limit, self._headroom, self._initial_burst)
                     if kind == "tokens" and accepted and headers.remaining_tokens is not None:
                         overbooked = state.overbooked.total - state.overbooked.since(reservation.ready_at)
+                        full = _server_full(state.tokens, headers.remaining_tokens, headers.reset_tokens)
                         state.refunds.observe(
-                            reservation.ready_at, headers.remaining_tokens, reservation.marks[1], overbooked, limit / 60
-                        )
+                            reservation.ready_at, headers.remaining_tokens, reservation.marks[1], overbooked,
+                            limit / 60, full,
+                        )  # fmt: skip
             fulls = [
                 _server_full(
                     state.minute(kind), getattr(headers, f"remaining_{kind}"), getattr(headers, f"reset_{kind}")

@@ -34,6 +34,7 @@ _VOTES = 5  # estimates a window vote keeps
 _SAMPLES = 9  # cost ratios a calibration keeps
 #: The calibration factor stays within these bounds: a wrong sample must not stop (or flood) a limit.
 MIN_FACTOR, MAX_FACTOR = 0.8, 4.0
+_NEAR_FULL = 0.8  # a bucket above this share of full may have lost refill: no refund sample spans it
 _MIN_SAMPLE = 0.5  # a ratio below this is noise (a server that had not counted the request yet)
 
 
@@ -142,13 +143,18 @@ class Refunds:
         """Whether samples show the server refunding (most of) what was over-booked."""
         return bool(self._samples) and self.share >= 0.5
 
-    def observe(self, when: float, remaining: float, booked: float, overbooked: float, rate: float) -> None:
+    def observe(
+        self, when: float, remaining: float, booked: float, overbooked: float, rate: float, full: Optional[float]
+    ) -> None:
         """A response: ``remaining`` tokens at the server when it counted a request sent at ``when``;
         ``booked`` and ``overbooked``: our running totals of tokens booked and of over-booking settled
-        by then; ``rate``: the server's refill in tokens per second."""
+        by then; ``rate``: the server's refill in tokens per second; ``full``: what its bucket holds when
+        full (``None``: unknown). A span that starts or ends near full is no sample: the refill lost to a
+        full bucket would read as a refund withheld."""
         anchor = self._anchor
-        if anchor is None or when < anchor[0]:
-            self._anchor = (when, remaining, booked, overbooked)
+        near_full = full is not None and remaining > _NEAR_FULL * full
+        if anchor is None or when < anchor[0] or near_full:
+            self._anchor = None if near_full else (when, remaining, booked, overbooked)
             return
         span = when - anchor[0]
         if span < self.SPAN:
