@@ -9,25 +9,13 @@ import time
 from typing import List, Optional
 
 import pytest
+from test_limiter import FakeClock  # the same fake clock: it only moves when someone sleeps
 
 from throttled_openai import BudgetExhausted, RateLimiter, RateLimitHeaders, RequestTooLarge
 from throttled_openai.headers import LimitMessage, parse_limit_message, parse_rate_limit_headers, parse_retry_after
 from throttled_openai.windows import Calibration, Refunds, WindowVote, estimate_window
 
 KEY = ("acct", "gpt-test")
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-        self.slept: List[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.slept.append(seconds)
-        self.now += seconds
 
 
 def make(clock: FakeClock, **kwargs: object) -> RateLimiter:
