@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import json
 import re
@@ -391,6 +392,8 @@ def test_concurrent_clients_respect_limits(make_server: Callable[..., FakeOpenAI
         ("400", openai.BadRequestError, 400),
         ("drop", openai.APIConnectionError, None),
         ("truncate", openai.APIConnectionError, None),
+        ("502_html", openai.InternalServerError, 502),
+        ("504_html", openai.InternalServerError, 504),
     ],
 )
 def test_error_faults(
@@ -428,6 +431,162 @@ def test_truncated_stream(make_server: Callable[..., FakeOpenAI]) -> None:
     with pytest.raises(Exception) as info:
         list(chat(client(server), n=4, stream=True))
     assert isinstance(info.value, openai.APIConnectionError) or "RemoteProtocolError" in type(info.value).__name__
+
+
+def raw_chat(
+    server: FakeOpenAI, stream: bool = False, path: str = "/v1/chat/completions"
+) -> Tuple[int, Dict[str, str], bytes]:
+    """POST a chat completion with http.client: (status, lower-case headers, the whole body).
+
+    ``read()`` raises ``http.client.IncompleteRead`` unless the body ends as its framing says
+    (Content-Length reached, or the chunked body's terminating chunk)."""
+    body: Dict[str, Any] = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    if stream:
+        body.update(stream=True, stream_options={"include_usage": True})
+    host, port = server.url[len("http://") :].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        conn.request("POST", path, json.dumps(body), {"Authorization": f"Bearer {KEY}"})
+        response = conn.getresponse()
+        headers = {name.lower(): value for name, value in response.getheaders()}
+        return response.status, headers, response.read()
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("fault", ["502_html", "504_html"])
+def test_proxy_html_errors(make_server: Callable[..., FakeOpenAI], fault: str) -> None:
+    server = make_server(rpm=1)  # one request a minute: a charged request would leave none
+    server.inject(fault)
+    status, headers, body = raw_chat(server)
+    code = int(fault[:3])
+    assert status == code
+    assert headers["content-type"].startswith("text/html")
+    assert int(headers["content-length"]) == len(body)
+    title = {502: "502 Bad Gateway", 504: "504 Gateway Time-out"}[code]
+    assert body.startswith(f"<html>\r\n<head><title>{title}</title></head>".encode())
+    assert not any(name.startswith(("x-ratelimit", "x-request-id")) for name in headers)
+    server.inject(fault)
+    with pytest.raises(openai.InternalServerError) as info:
+        chat(client(server))
+    assert info.value.status_code == code and title in info.value.message
+    # not charged: the one request of the minute is still there
+    assert chat(client(server)).choices
+    assert server.stats()["admitted"] == 1 and server.stats()["faults"] == 2
+
+
+def test_empty_200(make_server: Callable[..., FakeOpenAI]) -> None:
+    server = make_server(rpm=100)
+    server.inject("empty_200")
+    status, headers, body = raw_chat(server)
+    assert (status, headers["content-type"], headers["content-length"], body) == (200, "application/json", "0", b"")
+    assert "x-request-id" in headers and "x-ratelimit-remaining-requests" in headers  # OpenAI's own answer
+    server.inject("empty_200")
+    with pytest.raises((ValueError, openai.APIResponseValidationError)):  # the SDK's json.JSONDecodeError
+        chat(client(server, max_retries=2))
+    assert server.stats()["requests"] == 2  # not a failure the SDK retries
+
+
+def test_faults_after_admission_are_charged(make_server: Callable[..., FakeOpenAI]) -> None:
+    for fault in ["empty_200", "html_200", "error_200", "stream_cut"]:
+        server = make_server(rpm=1, settle_usage=False)
+        server.inject(fault)
+        with contextlib.suppress(ValueError, openai.APIError):
+            chat(client(server))
+        with pytest.raises(openai.RateLimitError):
+            chat(client(server))  # the faulted request took the minute's one request
+        stats = server.stats()
+        assert (stats["admitted"], stats["faults"], stats["rate_limited"]) == (1, 1, 1), fault
+        assert stats["tokens_charged"] == stats["tokens_admitted"] > 0, fault
+
+
+def test_html_200(make_server: Callable[..., FakeOpenAI]) -> None:
+    server = make_server(rpm=100)
+    server.inject("html_200")
+    status, headers, body = raw_chat(server)
+    assert status == 200 and headers["content-type"].startswith("text/html")
+    assert body.startswith(b"<!DOCTYPE html>") and int(headers["content-length"]) == len(body)
+    assert not any(name.startswith(("x-ratelimit", "x-request-id")) for name in headers)
+    server.inject("html_200")
+    try:
+        result: Any = chat(client(server))
+    except (ValueError, openai.APIError):
+        return  # an SDK that refuses a body that is not JSON
+    # openai 1.x and 2.x return the text of a body that is not JSON as it is, a str
+    assert isinstance(result, str) and result.startswith("<!DOCTYPE html>")
+
+
+def test_error_200(make_server: Callable[..., FakeOpenAI]) -> None:
+    server = make_server()
+    server.inject("error_200")
+    status, headers, body = raw_chat(server)
+    assert status == 200 and headers["content-type"] == "application/json"
+    error = json.loads(body)["error"]
+    assert (error["type"], error["param"], error["code"]) == ("server_error", None, None) and error["message"]
+    server.inject("error_200")
+    try:
+        result: Any = chat(client(server))
+    except openai.APIError:
+        pass  # an SDK that checks a 200's body for an error
+    else:  # openai 1.x and 2.x build a completion without choices that carries the error
+        assert not getattr(result, "choices", None)
+        assert getattr(result, "error", None) == error
+    # a stream: the error is its only event, which the SDK raises
+    server.inject("error_200")
+    status, headers, body = raw_chat(server, stream=True)
+    assert status == 200 and headers["content-type"].startswith("text/event-stream")
+    assert body == b"data: " + json.dumps({"error": error}, separators=(",", ":")).encode() + b"\n\n"
+    server.inject("error_200")
+    with pytest.raises(openai.APIError) as info:
+        list(chat(client(server), stream=True))
+    assert info.value.message == error["message"]
+
+
+def test_stream_cut_json_body(make_server: Callable[..., FakeOpenAI]) -> None:
+    server = make_server()
+    whole = raw_chat(server)[2]
+    server.inject("stream_cut")
+    status, headers, body = raw_chat(server)  # read to its end: a clean, short body
+    assert status == 200 and headers["content-type"] == "application/json"
+    assert int(headers["content-length"]) == len(body) == len(whole) // 2
+    with pytest.raises(ValueError):
+        json.loads(body)
+    server.inject("stream_cut")
+    with pytest.raises((ValueError, openai.APIResponseValidationError)):  # json.JSONDecodeError in 1.x, 2.x
+        chat(client(server))
+    assert server.stats()["faults"] == 2 and server.stats()["admitted"] == 3
+
+
+def test_stream_cut_chat_stream(make_server: Callable[..., FakeOpenAI]) -> None:
+    server = make_server(shuffle=False)
+    whole = raw_chat(server, stream=True)[2]
+    assert whole.endswith(b"data: [DONE]\n\n")
+    server.inject("stream_cut")
+    status, headers, body = raw_chat(server, stream=True)  # the chunked body ends with its last chunk
+    assert status == 200 and headers["transfer-encoding"] == "chunked"
+    events = re.sub(rb"chatcmpl-\d+", b"ID", whole).split(b"\n\n")[:-1]
+    assert re.sub(rb"chatcmpl-\d+", b"ID", body).split(b"\n\n")[:-1] == events[: len(events) // 2]
+    assert b'"usage":{' not in body and b"[DONE]" not in body
+    server.inject("stream_cut", path="/chat/completions")
+    c = client(server)
+    chunks = list(chat(c, n=3, stream=True, stream_options={"include_usage": True}))  # no error: a clean end
+    assert [ch.choices[0].delta.content for ch in chunks] == ["echo:hello#0", "echo:hello#1", "echo:hello#2"]
+    assert all(ch.usage is None for ch in chunks)
+    # the connection stays usable
+    assert chat(c).choices[0].message.content == "echo:hello#0"
+
+
+@pytest.mark.parametrize("fault", ["empty_200", "html_200", "error_200", "502_html", "504_html", "stream_cut"])
+def test_new_faults_by_rate(make_server: Callable[..., FakeOpenAI], fault: str) -> None:
+    server = make_server(fault_rates={fault: 1.0})
+    c = client(server)
+    for _ in range(2):
+        try:
+            result: Any = chat(c)
+        except (ValueError, openai.APIError):
+            continue
+        assert not getattr(result, "choices", None)  # html_200 and error_200 come back without choices
+    assert server.stats()["faults"] == 2
 
 
 def test_choice_faults(make_server: Callable[..., FakeOpenAI]) -> None:
