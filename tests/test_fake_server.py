@@ -165,6 +165,89 @@ def test_responses(make_server: Callable[..., FakeOpenAI]) -> None:
     assert listed.usage is not None and listed.usage.input_tokens == 6 + count_tokens("one") + count_tokens("two")
 
 
+RESPONSE_EVENTS = [
+    "response.created",
+    "response.in_progress",
+    "response.output_item.added",
+    "response.content_part.added",
+    *["response.output_text.delta"] * 5,  # "echo:hello responses", 4 characters a delta
+    "response.output_text.done",
+    "response.content_part.done",
+    "response.output_item.done",
+    "response.completed",
+]
+
+
+def test_responses_stream(make_server: Callable[..., FakeOpenAI]) -> None:
+    server = make_server(tpm=100_000)
+    c = client(server)
+    events = list(c.responses.create(model="gpt-4o-mini", input="hello responses", max_output_tokens=50, stream=True))
+    assert [e.type for e in events] == RESPONSE_EVENTS
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    created, completed = events[0], events[-1]
+    assert created.type == "response.created" and completed.type == "response.completed"
+    assert created.response.status == "in_progress" and created.response.usage is None
+    assert created.response.id == completed.response.id
+    deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+    assert "".join(deltas) == "echo:hello responses" and set(map(len, deltas[:-1])) == {4}
+    assert completed.response.status == "completed" and completed.response.output_text == "echo:hello responses"
+    usage = completed.response.usage
+    assert usage is not None
+    assert (usage.input_tokens, usage.output_tokens) == (count_tokens("hello responses"), 5)
+    assert usage.total_tokens == usage.input_tokens + usage.output_tokens
+    assert usage.input_tokens_details.cached_tokens == 0 and usage.output_tokens_details.reasoning_tokens == 0
+    # settled like any answer: the bucket keeps the usage, not the estimate of 50 output tokens
+    stats = server.stats()
+    assert stats["tokens_admitted"] == usage.input_tokens + 50
+    assert stats["tokens_charged"] == stats["tokens_used"] == usage.total_tokens
+    # the wire format: "event: <type>" and "data: <JSON with type and sequence_number>", no [DONE]
+    body = {"model": "gpt-4o-mini", "input": "hello responses", "stream": True}
+    status, headers, raw = raw_post(server, "/v1/responses", body)
+    assert status == 200 and headers["content-type"].startswith("text/event-stream")
+    blocks = raw.decode().split("\n\n")
+    assert blocks[-1] == "" and len(blocks[:-1]) == len(RESPONSE_EVENTS)
+    for i, (block, name) in enumerate(zip(blocks[:-1], RESPONSE_EVENTS)):
+        event_line, data_line = block.split("\n")
+        data = json.loads(data_line[len("data: ") :])
+        assert event_line == f"event: {name}" and (data["type"], data["sequence_number"]) == (name, i)
+
+
+def test_responses_stream_helper(make_server: Callable[..., FakeOpenAI]) -> None:
+    c = client(make_server())
+    if not hasattr(c.responses, "stream"):
+        pytest.skip("this openai SDK has no responses.stream helper")
+    with c.responses.stream(model="gpt-4o-mini", input=[{"role": "user", "content": "streamed helper"}]) as stream:
+        text = "".join(e.delta for e in stream if e.type == "response.output_text.delta")
+        final = stream.get_final_response()
+    assert text == final.output_text == "echo:streamed helper"
+    assert final.usage is not None and final.usage.output_tokens == 5
+
+
+def test_responses_stream_faults(make_server: Callable[..., FakeOpenAI]) -> None:
+    server = make_server()
+    c = client(server)
+    server.inject("stream_cut", path="/responses")
+    events = list(c.responses.create(model="gpt-4o-mini", input="hello responses", stream=True))  # a clean end
+    assert [e.type for e in events] == RESPONSE_EVENTS[: len(RESPONSE_EVENTS) // 2]
+    assert "response.completed" not in [e.type for e in events]
+    if hasattr(c.responses, "stream"):
+        server.inject("stream_cut")
+        with c.responses.stream(model="gpt-4o-mini", input="hello responses") as stream:
+            assert "response.completed" not in [e.type for e in stream]
+            with pytest.raises(RuntimeError, match=r"response\.completed"):
+                stream.get_final_response()
+    server.inject("error_200")
+    with pytest.raises(openai.APIError, match="The server had an error"):
+        list(c.responses.create(model="gpt-4o-mini", input="hello", stream=True))
+    server.inject("truncate")
+    with pytest.raises(Exception) as info:  # as test_truncated_stream
+        list(c.responses.create(model="gpt-4o-mini", input="hello", stream=True))
+    assert isinstance(info.value, openai.APIConnectionError) or "RemoteProtocolError" in type(info.value).__name__
+    stats = server.stats()
+    assert stats["admitted"] == stats["faults"] == (4 if hasattr(c.responses, "stream") else 3)
+    assert stats["tokens_charged"] == stats["tokens_used"]
+
+
 def test_models_and_bad_requests(make_server: Callable[..., FakeOpenAI]) -> None:
     server = make_server(rpm=1)
     c = client(server)
@@ -433,16 +516,11 @@ def test_truncated_stream(make_server: Callable[..., FakeOpenAI]) -> None:
     assert isinstance(info.value, openai.APIConnectionError) or "RemoteProtocolError" in type(info.value).__name__
 
 
-def raw_chat(
-    server: FakeOpenAI, stream: bool = False, path: str = "/v1/chat/completions"
-) -> Tuple[int, Dict[str, str], bytes]:
-    """POST a chat completion with http.client: (status, lower-case headers, the whole body).
+def raw_post(server: FakeOpenAI, path: str, body: Dict[str, Any]) -> Tuple[int, Dict[str, str], bytes]:
+    """POST with http.client: (status, lower-case headers, the whole body).
 
     ``read()`` raises ``http.client.IncompleteRead`` unless the body ends as its framing says
     (Content-Length reached, or the chunked body's terminating chunk)."""
-    body: Dict[str, Any] = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
-    if stream:
-        body.update(stream=True, stream_options={"include_usage": True})
     host, port = server.url[len("http://") :].split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=10)
     try:
@@ -452,6 +530,14 @@ def raw_chat(
         return response.status, headers, response.read()
     finally:
         conn.close()
+
+
+def raw_chat(server: FakeOpenAI, stream: bool = False) -> Tuple[int, Dict[str, str], bytes]:
+    """A chat completion (streamed with ``include_usage``) through :func:`raw_post`."""
+    body: Dict[str, Any] = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    if stream:
+        body.update(stream=True, stream_options={"include_usage": True})
+    return raw_post(server, "/v1/chat/completions", body)
 
 
 @pytest.mark.parametrize("fault", ["502_html", "504_html"])

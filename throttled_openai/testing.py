@@ -66,8 +66,10 @@ __all__ = ["COST_MODELS", "FAULTS", "FakeOpenAI", "RedisServer", "count_tokens"]
 #: - ``"stream_cut"``: the body ends cleanly, but early. A stream sends the first half of its
 #:   events (rounded down) and then its terminating chunk, on a connection that stays open: a
 #:   chat stream ends without its usage chunk and ``data: [DONE]`` (and without its
-#:   ``finish_reason`` chunk unless ``include_usage`` with ``n=1``).  A JSON body is cut in
-#:   half, with a ``Content-Length`` that matches the cut: a 200 whose body is not valid JSON.
+#:   ``finish_reason`` chunk unless ``include_usage`` with ``n=1``), a Responses stream without
+#:   ``response.completed`` (and the events before it: it stops before or among its text
+#:   deltas).  A JSON body is cut in half, with a ``Content-Length`` that matches the cut: a
+#:   200 whose body is not valid JSON.
 #: - ``"empty_200"``: a 200 with ``Content-Type: application/json`` and an empty body.
 #: - ``"html_200"``: a 200 with a captive proxy's HTML page, ``Content-Type: text/html``, none of
 #:   OpenAI's headers.
@@ -428,7 +430,7 @@ class FakeOpenAI:
     """A fake OpenAI API server with OpenAI-style rate limits, quota and injectable faults.
 
     Serves ``/v1/completions``, ``/v1/chat/completions`` (also ``stream``), ``/v1/embeddings``,
-    ``/v1/responses``, ``GET /v1/models`` and the Azure ``/openai/deployments/{name}/...``
+    ``/v1/responses`` (also ``stream``), ``GET /v1/models`` and the Azure ``/openai/deployments/{name}/...``
     routes over real HTTP/1.1 with keep-alive, so the real ``openai`` SDK can be pointed at
     :attr:`base_url`.  Each generated text is ``echo:<prompt prefix>#<sample>``.
 
@@ -1001,17 +1003,14 @@ class FakeOpenAI:
         if isinstance(instructions, str):
             input_tokens += count_tokens(instructions)
             chars += len(instructions)
-        if body.get("stream"):
-            raise _BadRequest("FakeOpenAI does not support stream for responses.", "stream")
         max_output = _int_param(body, "max_output_tokens", 1024, 0)
         output_tokens = min(max_output, self._completion_tokens)
+        stream = bool(body.get("stream"))
 
         def render(fault: str) -> _Reply:
             rid = next(self._ids)
-            content = [{"type": "output_text", "text": f"echo:{text[:40]}", "annotations": []}]
-            message = {"type": "message", "id": f"msg_{rid}", "status": "completed", "role": "assistant",
-                       "content": content}  # fmt: skip
-            payload = {
+            answer = f"echo:{text[:40]}"
+            payload: JSONDict = {
                 "id": f"resp_{rid}",
                 "object": "response",
                 "created_at": int(time.time()),
@@ -1022,7 +1021,7 @@ class FakeOpenAI:
                 "instructions": instructions,
                 "max_output_tokens": max_output,
                 "metadata": {},
-                "output": [message],
+                "output": [_message(f"msg_{rid}", "completed", [_output_text(answer)])],
                 "parallel_tool_calls": True,
                 "previous_response_id": None,
                 "reasoning": {"effort": None, "summary": None},
@@ -1040,7 +1039,7 @@ class FakeOpenAI:
                     "output_tokens_details": {"reasoning_tokens": 0},
                 },
             }
-            return _json_reply(200, payload)
+            return _sse_reply(_response_events(payload, answer)) if stream else _json_reply(200, payload)
 
         return _Job(model, input_tokens, chars, 0, max_output, input_tokens + output_tokens, render)
 
@@ -1224,6 +1223,48 @@ class FakeOpenAI:
 
 def _usage(prompt: int, completion: int) -> JSONDict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+_DELTA_CHARS = 4  # characters of text per response.output_text.delta event of a streamed response
+
+
+def _output_text(text: str) -> JSONDict:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+def _message(item_id: str, status: str, content: List[JSONDict]) -> JSONDict:
+    return {"type": "message", "id": item_id, "status": status, "role": "assistant", "content": content}
+
+
+def _response_events(response: JSONDict, text: str) -> List[bytes]:
+    """The server-sent events of a streamed Responses API answer, as OpenAI sends them.
+
+    ``response`` is the completed response, with one message of one ``output_text`` part,
+    ``text``.  Events: ``response.created`` and ``response.in_progress`` (the response with
+    status ``in_progress``, no output, ``usage`` null), ``response.output_item.added`` (the
+    message, ``in_progress``, no content), ``response.content_part.added`` (an empty
+    ``output_text``), one ``response.output_text.delta`` per 4 characters of ``text``,
+    ``response.output_text.done``, ``response.content_part.done``,
+    ``response.output_item.done`` (the completed message) and ``response.completed`` (the whole
+    response, with ``usage``).  Each is ``event: <type>`` and ``data: <JSON>`` whose JSON
+    carries ``type`` and ``sequence_number`` (0, 1, ...).  No ``data: [DONE]`` follows.
+    """
+    message = response["output"][0]
+    started = {**response, "status": "in_progress", "output": [], "usage": None}
+    at = {"item_id": message["id"], "output_index": 0, "content_index": 0}
+    deltas = [text[i : i + _DELTA_CHARS] for i in range(0, len(text), _DELTA_CHARS)]
+    events: List[Tuple[str, JSONDict]] = [
+        ("response.created", {"response": started}),
+        ("response.in_progress", {"response": started}),
+        ("response.output_item.added", {"output_index": 0, "item": _message(message["id"], "in_progress", [])}),
+        ("response.content_part.added", {**at, "part": _output_text("")}),
+        *[("response.output_text.delta", {**at, "delta": delta, "logprobs": []}) for delta in deltas],
+        ("response.output_text.done", {**at, "text": text, "logprobs": []}),
+        ("response.content_part.done", {**at, "part": _output_text(text)}),
+        ("response.output_item.done", {"output_index": 0, "item": message}),
+        ("response.completed", {"response": response}),
+    ]
+    return [_sse({"type": name, "sequence_number": i, **data}, name) for i, (name, data) in enumerate(events)]
 
 
 def _quota_error() -> JSONDict:
