@@ -249,10 +249,22 @@ def test_copies_share_limiter_and_counters_and_keep_sdk_retries_off(server: Fake
     assert isinstance(quick, ThrottledClient)
     assert quick.limiter is client.limiter
     assert quick.retry.max_retries == 1 and client.retry.max_retries == FAST.max_retries
-    assert quick.max_retries == 0 and client.max_retries == 0  # the SDK's own retries stay off
-    quick.chat.completions.create(**CHAT)
-    client.copy(max_wait=3.0).chat.completions.create(**CHAT)
-    assert client.stats().calls == 2
+    # max_retries reports the policy; the SDK's own retries stay off: 1 + 1 attempts, not (1 + 1) ** 2
+    assert quick.max_retries == 1 and client.max_retries == FAST.max_retries
+    server.inject("500", 5)
+    with pytest.raises(openai.InternalServerError):
+        quick.chat.completions.create(**CHAT)
+    assert server.stats()["requests"] == 2
+    client.copy(max_wait=3.0).chat.completions.create(**CHAT)  # the other 3 faults, retried, then served
+    assert client.stats().calls == 2 and server.stats()["requests"] == 6
+
+
+def test_max_retries_reports_the_policy_and_setting_it_changes_the_policy(server: FakeOpenAI) -> None:
+    client = ThrottledClient(base_url=server.base_url, api_key=KEY, max_retries=5)
+    assert client.max_retries == 5 == client.retry.max_retries
+    assert ThrottledClient(base_url=server.base_url, api_key=KEY).max_retries == Retry().max_retries
+    client.max_retries = 2
+    assert client.retry.max_retries == 2 and client.copy().max_retries == 2
 
 
 def test_a_limiter_can_be_shared_between_clients(server: FakeOpenAI) -> None:

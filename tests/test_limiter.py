@@ -373,3 +373,13 @@ def test_never_exceeds_the_limit_over_any_window(rpm: int, tpm: int, steps: list
             allowance = max(burst_t, biggest) + rate_t * width + events[j][2]
             assert tokens <= allowance + 1e-6 * tpm
             assert (j - i + 1) <= burst_r + rate_r * width + 1e-6
+
+
+def test_a_partial_override_keeps_the_defaults_it_does_not_name() -> None:
+    limiter = RateLimiter(rpm=100, tpm=30_000, limits={"gpt-4o": Limits(rpm=500), "o1": Limits(tpm=9_000)})
+    assert limiter.limits_for("gpt-4o") == Limits(rpm=500, tpm=30_000)
+    assert limiter.limits_for("o1") == Limits(rpm=100, tpm=9_000)
+    assert limiter.limits_for("other") == Limits(rpm=100, tpm=30_000)
+    limiter.cancel(limiter.acquire(("acct", "gpt-4o"), 10))
+    assert limiter.snapshot()["gpt-4o"]["tokens_limit"] == 30_000
+    assert RateLimiter(limits={"m": Limits(rpm=5)}).limits_for("m") == Limits(rpm=5, tpm=None)  # learned

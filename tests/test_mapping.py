@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import _thread
+import signal
+import subprocess
+import sys
 import threading
 import time
 from typing import Any, Iterator, List
@@ -16,6 +19,7 @@ from throttled_openai import (
     BulkTimeout,
     IncompleteResponse,
     Progress,
+    RateLimitTimeout,
     Retry,
     ThrottledClient,
 )
@@ -233,14 +237,39 @@ def test_progress_bar(server: FakeOpenAI, capsys: pytest.CaptureFixture[str]) ->
     assert "30/30" in capsys.readouterr().err
 
 
-def test_timeout_bounds_the_whole_run() -> None:
+def test_run_timeout_bounds_the_whole_run() -> None:
     with FakeOpenAI(latency=0.3) as server:
         client = client_for(server)
         started = time.monotonic()
         with pytest.raises(BulkTimeout) as info:
-            client.map_completions([f"t{i}" for i in range(200)], model=MODEL, max_tokens=1, batch_size=1, timeout=0.5)
+            client.map_completions(
+                [f"t{i}" for i in range(200)], model=MODEL, max_tokens=1, batch_size=1, run_timeout=0.5
+            )
         assert time.monotonic() - started < 3.0
         assert len(info.value.results) == 200
+
+
+def test_timeout_means_one_request_as_in_the_sdk() -> None:
+    """``timeout=`` goes to every request, as on ``create()``; it does not bound the run."""
+    with FakeOpenAI(latency=1.0) as server:
+        client = client_for(server, retry=Retry(max_retries=1, backoff_base=0.01, backoff_max=0.02))
+        outcomes = client.map_completions(["a", "b"], model=MODEL, max_tokens=1, timeout=0.2, return_exceptions=True)
+        assert all(isinstance(outcome, openai.APITimeoutError) for outcome in outcomes)
+        fast = client.map_completions(["a", "b"], model=MODEL, max_tokens=1, timeout=30)
+        assert [c.text for c in fast] == [expected_text("a"), expected_text("b")]
+
+
+def test_a_web_client_with_max_wait_still_waits_its_turn_in_bulk() -> None:
+    """max_wait is for callers that would rather fail fast; a bulk call waits its turn (run_timeout
+    bounds the run), so a client built for a web app can run bulk work too."""
+    with FakeOpenAI(rpm=120, tpm=10_000_000, bucket_seconds=1.0) as server:
+        client = client_for(server, rpm=120, max_wait=0.05)
+        conversations = [[{"role": "user", "content": f"c{i}"}] for i in range(8)]
+        replies = client.map_chat_completions(conversations, model="gpt-4o-mini", max_tokens=2)
+        assert [r.choices[0].message.content for r in replies] == [f"echo:c{i}#0" for i in range(8)]
+        with pytest.raises(RateLimitTimeout):  # a plain call of the same client still fails fast
+            for _ in range(4):
+                client.chat.completions.create(model="gpt-4o-mini", messages=conversations[0], max_tokens=2)
 
 
 def test_ctrl_c_returns_quickly_with_the_results_so_far() -> None:
@@ -278,6 +307,53 @@ def test_ctrl_c_is_not_held_up_by_a_slow_request() -> None:
         assert time.monotonic() - started < 3.0
         # the request still on the wire is finished by a daemon thread: it cannot keep the program alive
         assert all(t.daemon for t in threading.enumerate() if t.name.startswith("throttled_openai"))
+
+
+def test_ctrl_c_in_a_script_exits_as_an_interrupted_program(tmp_path: Any) -> None:
+    """Status 130 in a shell (killed by SIGINT), as for any Python program stopped by Ctrl-C; the
+    partial results ride on the KeyboardInterrupt itself."""
+    script = tmp_path / "bulk.py"
+    with FakeOpenAI(latency=0.05, rpm=600, bucket_seconds=1.0) as server:
+        script.write_text(
+            "from throttled_openai import BulkInterrupted, ThrottledClient\n"
+            f"client = ThrottledClient(base_url={server.base_url!r}, api_key='sk-x', rpm=600)\n"
+            "print('started', flush=True)\n"
+            "try:\n"
+            "    client.map_completions([f'p{i}' for i in range(5000)], model='gpt-3.5-turbo-instruct',"
+            " max_tokens=1, batch_size=1)\n"
+            "except BulkInterrupted as stop:\n"
+            "    print('obtained', sum(r is not None for r in stop.results), type(stop).__name__, flush=True)\n"
+            "    raise\n"
+        )
+        child = subprocess.Popen(
+            [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        assert child.stdout is not None and child.stdout.readline().strip() == "started"
+        time.sleep(1.0)
+        child.send_signal(signal.SIGINT)
+        out, err = child.communicate(timeout=30)
+    assert child.returncode == -signal.SIGINT, (child.returncode, err)
+    words = out.split()
+    assert words[0] == "obtained" and int(words[1]) > 0 and words[2] == "KeyboardInterrupt"
+    assert "KeyboardInterrupt" in err
+
+
+def test_imap_bulk_error_carries_what_was_obtained_and_not_yielded() -> None:
+    with FakeOpenAI(latency=0.2) as server:
+        client = client_for(server, rpm=60_000, max_wait=None)
+        prompts = [f"x{i}" for i in range(40)]
+        yielded: List[int] = []
+        with pytest.raises(BulkError) as info:
+            for position, _ in client.imap_completions(prompts, model=MODEL, max_tokens=1, batch_size=1, max_workers=8):
+                yielded.append(position)
+                if len(yielded) == 3:  # the next request fails (a 400 is not retried), others are on the wire
+                    server.inject("400", 1)
+        error = info.value
+        assert len(error.errors) == 1
+        obtained = {i: r for i, r in enumerate(error.results) if r is not None}
+        assert obtained, "the requests in flight when the failure came were drained into .results"
+        assert all(r.text == expected_text(prompts[i]) for i, r in obtained.items())
+        assert not set(obtained) & set(yielded) and not set(obtained) & set(error.errors)
 
 
 def test_many_threads_mapping_on_one_client_share_it() -> None:
@@ -319,7 +395,27 @@ def test_empty_input_is_an_empty_result(server: FakeOpenAI) -> None:
         (lambda c: c.map_completions(["ok"], model=MODEL, max_workers=0), ValueError, "max_workers"),
         (lambda c: c.map_completions(["ok"], model=MODEL, max_workers=2.5), TypeError, "max_workers"),
         (lambda c: c.map_completions(["ok"], model=MODEL, stream=True), ValueError, "stream"),
-        (lambda c: c.map_completions(["ok"], model=MODEL, timeout=-1), ValueError, "timeout"),
+        (lambda c: c.map_completions(["ok"], model=MODEL, run_timeout=-1), ValueError, "run_timeout"),
+        (lambda c: c.map_completions(["ok"], model=MODEL, run_timeout="5"), TypeError, "run_timeout"),
+        (lambda c: c.map_completions(["ok"], model=MODEL, prompt="x"), TypeError, "prompt=.*first argument"),
+        (lambda c: c.map_completions(["ok"], model=MODEL, max_tokenz=3), TypeError, "'max_tokenz'.*completions"),
+        (
+            lambda c: c.map_chat_completions([[{"role": "user", "content": "x"}]], model="c", messages=[]),
+            TypeError,
+            "messages=",
+        ),
+        (
+            lambda c: c.map_chat_completions([[{"role": "user", "content": "x"}]], model="c", prompt="x"),
+            TypeError,
+            "'prompt'.*chat.completions.create",
+        ),
+        (lambda c: c.map_embeddings(["ok"], model="e", input=["x"]), TypeError, "input="),
+        (lambda c: c.imap_embeddings(["ok"], model="e", inputs=["x"]), TypeError, "'inputs'"),
+        (
+            lambda c: c.imap_chat_completions([[{"role": "user", "content": "x"}]], model="c", messages=[]),
+            TypeError,
+            "messages=",
+        ),
         (lambda c: c.map_embeddings(["ok", None], model="e"), TypeError, "input 1"),
         (lambda c: c.map_embeddings(["ok"], model="e", batch_size=5000), ValueError, "batch_size"),
         (lambda c: c.map_chat_completions([[{"role": "user", "content": "x"}], "hi"], model="c"), TypeError, "input 1"),

@@ -20,6 +20,7 @@ from throttled_openai import (
     BulkError,
     BulkTimeout,
     IncompleteResponse,
+    MalformedResponse,
     RateLimiter,
     RateLimitTimeout,
     Retry,
@@ -197,6 +198,17 @@ MIXED_RATES = {
     "duplicate_choice": 0.04,
     "slow": 0.02,
 }
+# The heavier mix of issue 11, where a 200 with a broken body lost whole batches before it was retried.
+MIXED_BODY_RATES = {
+    "stream_cut": 0.04,
+    "empty_200": 0.04,
+    "html_200": 0.04,
+    "error_200": 0.04,
+    "502_html": 0.04,
+    "504_html": 0.04,
+    "500": 0.03,
+    "drop": 0.03,
+}
 SLOW = (("slow_seconds", 0.8),)
 SHORT_TIMEOUT = (("timeout", 0.3),)
 
@@ -209,6 +221,13 @@ FAULTS: Dict[str, Fault] = {
     "drop": Fault(inject=(("drop", 3),)),
     "slow": Fault(inject=(("slow", 1),), server=SLOW, client=SHORT_TIMEOUT),
     "truncate": Fault(inject=(("truncate", 3),)),
+    # 2xx bodies that are not what they should be, and a proxy's error pages: retried like a 5xx.
+    "cut_json_200": Fault(inject=(("stream_cut", 3),)),
+    "empty_200": Fault(inject=(("empty_200", 3),)),
+    "html_200": Fault(inject=(("html_200", 3),)),
+    "error_200": Fault(inject=(("error_200", 3),)),
+    "502_html": Fault(inject=(("502_html", 3),)),
+    "504_html": Fault(inject=(("504_html", 3),)),
     "missing_choice": Fault(inject=(("missing_choice", 1),)),
     "duplicate_choice": Fault(inject=(("duplicate_choice", 1),)),
     "missing_twice": Fault(inject=(("missing_choice", 2),), allowed=(IncompleteResponse,), all_succeed=False),
@@ -217,6 +236,11 @@ FAULTS: Dict[str, Fault] = {
         server=(("fault_rates", MIXED_RATES), ("seed", 7), *SLOW),
         client=SHORT_TIMEOUT,
         allowed=TRANSIENT,
+        all_succeed=False,
+    ),
+    "mixed_bodies": Fault(
+        server=(("fault_rates", MIXED_BODY_RATES), ("seed", 5)),
+        allowed=(*TRANSIENT, MalformedResponse),
         all_succeed=False,
     ),
     "mixed_and_quota": Fault(
@@ -339,7 +363,7 @@ def test_map_timeout_while_waiting_for_capacity(strict: FakeOpenAI) -> None:
     conversations = [[{"role": "user", "content": f"wait {i}"}] for i in range(10)]
     started = time.monotonic()
     with pytest.raises(BulkTimeout) as info:
-        client.map_chat_completions(conversations, model=CHAT, max_tokens=2, timeout=0.6)
+        client.map_chat_completions(conversations, model=CHAT, max_tokens=2, run_timeout=0.6)
     assert time.monotonic() - started < 0.6 + MARGIN
     assert isinstance(info.value, TimeoutError)
     results = info.value.results
@@ -355,7 +379,7 @@ def test_map_timeout_while_backing_off() -> None:
         client = ThrottledClient(base_url=server.base_url, api_key=KEY, retry=slow_retry, **CLIENT_LIMITS)
         started = time.monotonic()
         with pytest.raises(BulkTimeout):
-            client.map_completions([f"b{i}" for i in range(20)], model=INSTRUCT, max_tokens=2, timeout=0.6)
+            client.map_completions([f"b{i}" for i in range(20)], model=INSTRUCT, max_tokens=2, run_timeout=0.6)
         assert time.monotonic() - started < 0.6 + MARGIN
         assert_no_thread_left(set(threading.enumerate()))
 
@@ -366,7 +390,7 @@ def test_map_timeout_while_paused_by_a_long_retry_after() -> None:
         client = ThrottledClient(base_url=server.base_url, api_key=KEY, retry=FAST, rpm=600)
         started = time.monotonic()
         with pytest.raises(BulkTimeout) as info:
-            client.map_embeddings([f"e{i}" for i in range(6)], model=EMBED, batch_size=1, timeout=0.8)
+            client.map_embeddings([f"e{i}" for i in range(6)], model=EMBED, batch_size=1, run_timeout=0.8)
         assert time.monotonic() - started < 0.8 + MARGIN
         assert sum(r is not None for r in info.value.results) >= 1
 

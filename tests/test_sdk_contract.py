@@ -6,6 +6,15 @@ throttling would silently stop working: fix client.py before anything else.
 - ``copy(..., _extra_kwargs=...)``: how copies receive the shared limiter, policy and counters.
 - ``http_client.event_hooks["response"]``: public httpx/httpx2 API, where the headers are read.
 - ``response.stream``: public httpx/httpx2 API (the body stream), wrapped to read a stream's usage.
+- ``options.max_retries``: set to 0 on each request, so the SDK's retries stay off while the client's
+  ``max_retries`` attribute reports the policy's.
+- ``options.headers["X-Stainless-Raw-Response"] == "stream"``: how ``with_streaming_response`` marks a
+  request whose body it hands over unread (settled when read, not at once).
+- A 2xx body that is not JSON: the SDK raises ``ValueError`` (JSONDecodeError) for a broken JSON body and
+  returns the text for a non-JSON content type; both are caught and retried as ``MalformedResponse``.
+- ``openai.APIResponseValidationError(response, body, message=)``, the base of ``MalformedResponse``.
+- ``openai.DefaultHttpxClient`` can be subclassed (the client's own HTTP client closes itself).
+- Each ``create`` the bulk helpers call has a signature naming the arguments it takes.
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ def test_request_signature() -> None:
 
 def test_request_options_fields() -> None:
     fields = getattr(FinalRequestOptions, "model_fields", None) or FinalRequestOptions.__fields__
-    for name in ("json_data", "url", "method"):
+    for name in ("json_data", "url", "method", "max_retries", "headers"):
         assert name in fields, f"SDK's FinalRequestOptions lost {name!r}"
 
 
@@ -63,3 +72,55 @@ def test_the_override_and_the_hook_are_both_reached() -> None:
         )  # fmt: skip
         used = [chunk.usage.total_tokens for chunk in stream if chunk.usage is not None]
         assert client.stats().tokens_used == 2 * used[0] if used else False, "the stream's body was not scanned"
+
+
+def test_with_streaming_response_marks_the_request() -> None:
+    seen = []
+
+    class Spy(ThrottledClient):
+        def request(self, cast_to, options, *args, **kwargs):  # type: ignore[no-untyped-def]
+            seen.append(dict(options.headers) if isinstance(options.headers, dict) else {})
+            return super().request(cast_to, options, *args, **kwargs)
+
+    with FakeOpenAI() as server:
+        client = Spy(base_url=server.base_url, api_key="sk-contract")
+        with client.chat.completions.with_streaming_response.create(
+            model="m", messages=[{"role": "user", "content": "hi"}]
+        ) as response:
+            response.read()
+    assert seen and seen[0].get("X-Stainless-Raw-Response") == "stream"
+
+
+@pytest.mark.parametrize(("fault", "outcome"), [("stream_cut", ValueError), ("html_200", str)])
+def test_a_2xx_body_that_is_not_json_reaches_request(fault: str, outcome: type) -> None:
+    """What the plain SDK does with such a body (with retries off): what ThrottledClient.request sees."""
+    with FakeOpenAI() as server:
+        plain = openai.OpenAI(base_url=server.base_url, api_key="sk-contract", max_retries=0)
+        server.inject(fault, 1)
+        try:
+            got: object = plain.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+        except ValueError as error:
+            got = error
+        plain.close()
+    assert isinstance(got, outcome), got
+
+
+def test_response_validation_error_signature() -> None:
+    import httpx
+
+    response = httpx.Response(200, request=httpx.Request("POST", "http://127.0.0.1/v1/x"))
+    error = openai.APIResponseValidationError(response, None, message="m")
+    assert (error.status_code, error.message, error.response) == (200, "m", response)
+
+
+def test_bulk_create_methods_name_their_arguments() -> None:
+    client = openai.OpenAI(api_key="sk-contract", base_url="http://127.0.0.1:9/v1")
+    for create, names in (
+        (client.completions.create, {"prompt", "model", "max_tokens", "timeout", "extra_body"}),
+        (client.chat.completions.create, {"messages", "model", "max_tokens", "timeout", "extra_body"}),
+        (client.embeddings.create, {"input", "model", "timeout", "extra_body"}),
+    ):
+        parameters = inspect.signature(create).parameters
+        assert names <= set(parameters), f"{create} lost {names - set(parameters)}"
+        assert not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    client.close()

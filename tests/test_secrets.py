@@ -148,7 +148,7 @@ def test_the_key_never_shows_in_logs_errors_reprs_stats_or_limiter_keys(logs: Ev
         errors += [r for r in results if isinstance(r, BaseException)]
         with FakeOpenAI(latency=0.3) as lagging:
             late = ThrottledClient(base_url=lagging.base_url, api_key=SECRET, retry=FAST, rpm=6000)
-            expect(BulkTimeout, lambda: late.map_chat_completions([ask["messages"]] * 3, model=CHAT, timeout=0.1))
+            expect(BulkTimeout, lambda: late.map_chat_completions([ask["messages"]] * 3, model=CHAT, run_timeout=0.1))
             late.close()
         # the quota runs out
         expect(openai.RateLimitError, lambda: [client.chat.completions.create(**ask) for _ in range(200)])
@@ -251,7 +251,7 @@ def test_the_cli_in_a_subprocess_never_shows_the_key_from_the_environment(tmp_pa
 def test_threads_failing_at_once_keep_the_key_out_of_every_message(logs: Everything) -> None:
     """Many threads hitting errors together: concurrent logging and error paths still never show it."""
     with FakeOpenAI(rpm=6000, tpm=1_000_000, fault_rates={"500": 0.3, "429": 0.2, "drop": 0.2}, seed=5) as server:
-        client = ThrottledClient(base_url=server.base_url, api_key=SECRET, retry=Retry(max_retries=2, backoff_max=0.02))
+        client = ThrottledClient(base_url=server.base_url, api_key=SECRET, retry=Retry(max_retries=2, backoff_base=0.01, backoff_max=0.02))
         texts: List[str] = []
         lock = threading.Lock()
 

@@ -15,24 +15,26 @@ How it hooks into the SDK, and why:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import math
+import re
 import sys
-import threading
 import time
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, TypeVar, Union
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, TypeVar, Union
 
 import openai
 
 from . import mapping
 from .batching import MAX_INPUTS_PER_EMBEDDING, MAX_PROMPTS_PER_COMPLETION
-from .errors import Cancelled, RateLimitTimeout, RequestTooLarge
+from .context import current
+from .errors import Cancelled, IncompleteStream, MalformedResponse, RateLimitTimeout, RequestTooLarge
 from .headers import parse_limit_message, parse_rate_limit_headers
 from .limiter import LimitKey, Limits, RateLimiter, Reservation
-from .mapping import ProgressArg
+from .mapping import BulkTarget, ProgressArg
 from .retry import Retry
 from .stats import Stats, StatsSnapshot
 from .tokens import TokenCounter, assumed_output_cap, endpoint_of, estimate_cost, usage_tokens
@@ -46,34 +48,49 @@ _UNSET: Any = object()
 
 
 class _Attempt:
-    """The attempt in flight on this thread, for the response hook to report headers to."""
+    """The attempt in flight on this thread: what the response hook reports headers and the end of a
+    stream to, and where it leaves the response for the checks that follow."""
 
-    __slots__ = ("limiter", "reservation", "stats", "stream")
+    __slots__ = ("endpoint", "limiter", "reservation", "response", "stats", "stream")
 
-    def __init__(self, limiter: RateLimiter, reservation: Reservation, stream: bool, stats: Stats) -> None:
+    def __init__(
+        self, limiter: RateLimiter, reservation: Reservation, stream: bool, stats: Stats, endpoint: Optional[str]
+    ) -> None:
         self.limiter = limiter
         self.reservation = reservation
         self.stream = stream
         self.stats = stats
+        self.endpoint = endpoint
+        self.response: Any = None  # the HTTP response, once its headers are in
 
     def settle(self, used: Optional[int]) -> None:
         self.limiter.settle(self.reservation, used)
         if used is not None:
             self.stats.used(used)
 
+    def cut(self) -> None:
+        """The stream ended without its final event: the call failed after it returned."""
+        self.stats.failed_attempt("incomplete_stream", False, False)
+        self.stats.failed_call()
 
-_current = threading.local()
+
+_current = current  # the name cli.py imports
 
 
 def _on_response(response: Any) -> None:
     """httpx response hook: feed this thread's attempt the rate-limit headers, before the body is read.
-    A successful stream is settled when it ends, against the ``usage`` its last events may carry."""
-    attempt: Optional[_Attempt] = getattr(_current, "attempt", None)
+    A successful stream (``stream=True`` or ``with_streaming_response``) is settled when it ends,
+    against the ``usage`` its body carries."""
+    attempt: Optional[_Attempt] = current.attempt
     if attempt is None:
         return
+    attempt.response = response
     attempt.limiter.observe(attempt.reservation, parse_rate_limit_headers(response.headers), response.status_code)
     if attempt.stream and 200 <= response.status_code < 300:
-        response.stream = _scanner_for(response)(response.stream, attempt.settle)
+        sse = response.headers.get("content-type", "").startswith("text/event-stream")
+        # Streams of these endpoints end with a final event; one that ends without it was cut short.
+        checked = sse and attempt.endpoint in ("chat", "completions", "responses")
+        response.stream = _scanner_for(response)(response.stream, attempt, sse, checked)
 
 
 _SCANNERS: Dict[type, type] = {}
@@ -90,24 +107,48 @@ def _scanner_for(response: Any) -> Any:
     return scanner
 
 
+#: Server-sent events that end a stream: chat and completions end with ``data: [DONE]``, the
+#: Responses API with one of these event types (``error``: the server reports a failure mid-stream).
+_FINAL_EVENTS = frozenset([b"response.completed", b"response.failed", b"response.incomplete", b"error"])
+_USAGE = re.compile(rb'"usage"\s*:\s*(?=\{)')
+
+
 class _UsageScanner:
     """Wraps a streamed response body (httpx's ``Response.stream``) and, when it ends or is closed,
-    reports the token ``usage`` found in its last server-sent events (``None`` when there is none, e.g.
-    without ``stream_options={"include_usage": True}``: then the estimate stays charged)."""
+    reports the token ``usage`` it carried (``None`` when there is none, e.g. a chat stream without
+    ``stream_options={"include_usage": True}``: then the estimate stays charged).
 
-    _TAIL = 16_384  # bytes kept from the end of the stream: usage comes in the last events
+    Server-sent events are read line by line: ``usage`` comes in the last chat chunk, or inside the
+    ``response`` of the Responses API's ``response.completed``. Another body (``with_streaming_response``
+    of a JSON answer) has its ``usage`` object near the end. A ``checked`` stream that ends without its
+    final event raises :class:`IncompleteStream` where the caller reads it, instead of passing for whole.
+    """
 
-    def __init__(self, inner: Any, report: Callable[[Optional[int]], None]) -> None:
+    _TAIL = 65_536  # bytes of a JSON body kept from its end, where ``usage`` is
+
+    def __init__(self, inner: Any, attempt: _Attempt, sse: bool, checked: bool) -> None:
         self._inner = inner
-        self._report = report
-        self._tail = b""
+        self._attempt = attempt
+        self._sse = sse
+        self._checked = checked
+        self._line = b""  # SSE: the line being received; else: the body's tail
+        self._used: Optional[int] = None
+        self._final = False
         self._reported = False
 
     def __iter__(self) -> Iterator[bytes]:
         try:
             for chunk in self._inner:
-                self._tail = (self._tail + chunk)[-self._TAIL :]
+                if self._sse:
+                    self._scan(chunk)
+                else:
+                    self._line = (self._line + chunk)[-self._TAIL :]
                 yield chunk
+            if self._sse:
+                self._scan(b"\n")
+            if self._checked and not self._final:
+                self._finish(cut=True)
+                raise IncompleteStream(self._attempt.response, "ended without its final event")
         finally:
             self._finish()
 
@@ -117,20 +158,69 @@ class _UsageScanner:
         finally:
             self._finish()
 
-    def _finish(self) -> None:
+    def _scan(self, chunk: bytes) -> None:
+        lines = (self._line + chunk).split(b"\n")
+        self._line = lines.pop()
+        for line in lines:
+            if line.startswith(b"data:"):
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    self._final = True
+                elif b'"usage"' in data and b'"usage":null' not in data and b'"usage": null' not in data:
+                    self._read_event(data)
+            elif line.startswith(b"event:") and line[6:].strip() in _FINAL_EVENTS:
+                self._final = True
+
+    def _read_event(self, data: bytes) -> None:
+        try:
+            event = json.loads(data)
+        except ValueError:
+            return
+        if not isinstance(event, dict):
+            return
+        if isinstance(event.get("type"), str) and event["type"].encode() in _FINAL_EVENTS:
+            self._final = True
+        usage = event.get("usage")
+        inner = event.get("response")
+        if usage is None and isinstance(inner, dict):
+            usage = inner.get("usage")
+        used = usage_tokens(usage)
+        if used is not None:
+            self._used = used
+
+    def _finish(self, cut: bool = False) -> None:
         if self._reported:
             return
         self._reported = True
-        used = None
-        for line in reversed(self._tail.split(b"\n")):
-            if line.startswith(b"data:") and b'"usage"' in line:
-                try:
-                    used = usage_tokens(json.loads(line[5:]).get("usage"))
-                except (ValueError, AttributeError):
-                    used = None
-                if used is not None:
-                    break
-        self._report(used)
+        if not self._sse:
+            self._used = _usage_in_tail(self._line)
+        if cut:
+            self._attempt.cut()
+        self._attempt.settle(None if cut else self._used)
+
+
+def _usage_in_tail(tail: bytes) -> Optional[int]:
+    """The tokens of the last ``"usage": {...}`` object in the end of a JSON body, if it is there whole."""
+    found = None
+    for found in _USAGE.finditer(tail):  # noqa: B007  # the last one
+        pass
+    if found is None:
+        return None
+    try:
+        usage, _ = json.JSONDecoder().raw_decode(tail[found.end() :].decode("utf-8", "replace"))
+    except ValueError:
+        return None
+    return usage_tokens(usage)
+
+
+class _OwnedHttpClient(openai.DefaultHttpxClient):  # type: ignore[misc, valid-type]
+    """The HTTP client a throttled client makes for itself. The SDK closes the one it makes when it is
+    garbage collected, but takes any client it is given for the user's; this one closes itself too."""
+
+    def __del__(self) -> None:
+        if not self.is_closed:
+            with contextlib.suppress(Exception):  # at interpreter exit: nothing left to tell
+                self.close()
 
 
 def _account_hash(api_key: object, base_url: object) -> str:
@@ -197,14 +287,17 @@ class _ThrottledMixin:
         self._counter = _counter or TokenCounter()
         http_client = kwargs.get("http_client")
         if http_client is None:
-            http_client = kwargs["http_client"] = openai.DefaultHttpxClient()
+            # Ours, so closed when this client (and every copy sharing it) is garbage collected, as the
+            # SDK does with the one it makes; a client the user passes is the user's to close.
+            http_client = kwargs["http_client"] = _OwnedHttpClient()
         hooks = http_client.event_hooks
         if _on_response not in hooks["response"]:
             hooks["response"] = [*hooks["response"], _on_response]
             http_client.event_hooks = hooks
         key_provider = kwargs.get("api_key") if callable(kwargs.get("api_key")) else None
-        # Our retry loop replaces the SDK's: with both, every attempt of ours would be up to 3 of theirs.
-        super().__init__(max_retries=0, **kwargs)  # type: ignore[call-arg]
+        # Our retry loop replaces the SDK's (each request is sent with the SDK's retries at 0, see
+        # request()); the SDK's max_retries attribute reports the policy's.
+        super().__init__(max_retries=self._retry.max_retries, **kwargs)  # type: ignore[call-arg]
         secret = key_provider or getattr(self, "api_key", None)
         self._account = _account_hash(secret, getattr(self, "base_url", ""))
 
@@ -219,6 +312,18 @@ class _ThrottledMixin:
     def retry(self) -> Retry:
         """The retry policy of this client."""
         return self._retry
+
+    @property
+    def max_retries(self) -> int:
+        """The retry policy's ``max_retries``: retries after the first attempt (the SDK's own are off)."""
+        return self._retry.max_retries
+
+    @max_retries.setter
+    def max_retries(self, value: int) -> None:
+        # The SDK's __init__ sets it (to the policy's value, see __init__); a user setting it changes
+        # the policy, as max_retries= does.
+        if value != self._retry.max_retries:
+            self._retry = self._retry.replace(max_retries=value)
 
     @property
     def max_wait(self) -> Optional[float]:
@@ -267,7 +372,7 @@ class _ThrottledMixin:
         max_workers: Optional[int] = None,
         return_exceptions: bool = False,
         progress: ProgressArg = False,
-        timeout: Optional[float] = None,
+        run_timeout: Optional[float] = None,
         **kwargs: Any,
     ) -> List[Any]:
         """Complete every prompt with the legacy completions API; ``result[i]`` answers ``prompts[i]``.
@@ -286,8 +391,9 @@ class _ThrottledMixin:
         :class:`Progress`. ``timeout`` (seconds) bounds the whole run (:class:`BulkTimeout`). Ctrl-C
         stops within a couple of seconds with :class:`BulkInterrupted`, carrying the results so far.
         """
+        target = self._bulk_target("completions", model, "map_completions")
         return mapping.bulk_map(
-            "completions", self, prompts, model, batch_size, max_workers, return_exceptions, progress, timeout, kwargs
+            "completions", target, prompts, batch_size, max_workers, return_exceptions, progress, run_timeout, kwargs
         )
 
     def imap_completions(
@@ -300,15 +406,16 @@ class _ThrottledMixin:
         ordered: bool = True,
         return_exceptions: bool = False,
         progress: ProgressArg = False,
-        timeout: Optional[float] = None,
+        run_timeout: Optional[float] = None,
         **kwargs: Any,
     ) -> Iterator[Tuple[int, Any]]:
         """Like :meth:`map_completions` over any iterable (a generator over a huge file included),
         yielding ``(i, result)``: in input order, or as results finish with ``ordered=False``. Only a
         bounded window of the input is read ahead, so memory stays flat however long the input."""
+        target = self._bulk_target("completions", model, "imap_completions")
         return mapping.bulk_imap(
-            "completions", self, prompts, model, batch_size, max_workers, ordered, return_exceptions,
-            progress, timeout, kwargs,
+            "completions", target, prompts, batch_size, max_workers, ordered, return_exceptions,
+            progress, run_timeout, kwargs,
         )  # fmt: skip
 
     def map_chat_completions(
@@ -319,14 +426,15 @@ class _ThrottledMixin:
         max_workers: Optional[int] = None,
         return_exceptions: bool = False,
         progress: ProgressArg = False,
-        timeout: Optional[float] = None,
+        run_timeout: Optional[float] = None,
         **kwargs: Any,
     ) -> List[Any]:
         """One chat completion per conversation (a list of message dicts), run in parallel (the API
         cannot batch conversations); ``result[i]`` is the SDK's ``ChatCompletion`` for
         ``conversations[i]``. Other arguments as in :meth:`map_completions`."""
+        target = self._bulk_target("chat", model, "map_chat_completions")
         return mapping.bulk_map(
-            "chat", self, conversations, model, 1, max_workers, return_exceptions, progress, timeout, kwargs
+            "chat", target, conversations, 1, max_workers, return_exceptions, progress, run_timeout, kwargs
         )
 
     def imap_chat_completions(
@@ -338,12 +446,13 @@ class _ThrottledMixin:
         ordered: bool = True,
         return_exceptions: bool = False,
         progress: ProgressArg = False,
-        timeout: Optional[float] = None,
+        run_timeout: Optional[float] = None,
         **kwargs: Any,
     ) -> Iterator[Tuple[int, Any]]:
         """Lazy :meth:`map_chat_completions`, yielding ``(i, ChatCompletion)``; see :meth:`imap_completions`."""
+        target = self._bulk_target("chat", model, "imap_chat_completions")
         return mapping.bulk_imap(
-            "chat", self, conversations, model, 1, max_workers, ordered, return_exceptions, progress, timeout, kwargs
+            "chat", target, conversations, 1, max_workers, ordered, return_exceptions, progress, run_timeout, kwargs
         )
 
     def map_embeddings(
@@ -355,14 +464,15 @@ class _ThrottledMixin:
         max_workers: Optional[int] = None,
         return_exceptions: bool = False,
         progress: ProgressArg = False,
-        timeout: Optional[float] = None,
+        run_timeout: Optional[float] = None,
         **kwargs: Any,
     ) -> List[Any]:
         """Embed every input; ``result[i]`` is the vector for ``inputs[i]``. Up to ``batch_size``
         inputs (2,048 at most) and 300,000 tokens share a request. Other arguments as in
         :meth:`map_completions`."""
+        target = self._bulk_target("embeddings", model, "map_embeddings")
         return mapping.bulk_map(
-            "embeddings", self, inputs, model, batch_size, max_workers, return_exceptions, progress, timeout, kwargs
+            "embeddings", target, inputs, batch_size, max_workers, return_exceptions, progress, run_timeout, kwargs
         )
 
     def imap_embeddings(
@@ -375,14 +485,33 @@ class _ThrottledMixin:
         ordered: bool = True,
         return_exceptions: bool = False,
         progress: ProgressArg = False,
-        timeout: Optional[float] = None,
+        run_timeout: Optional[float] = None,
         **kwargs: Any,
     ) -> Iterator[Tuple[int, Any]]:
         """Lazy :meth:`map_embeddings`, yielding ``(i, vector)``; see :meth:`imap_completions`."""
+        target = self._bulk_target("embeddings", model, "imap_embeddings")
         return mapping.bulk_imap(
-            "embeddings", self, inputs, model, batch_size, max_workers, ordered, return_exceptions,
-            progress, timeout, kwargs,
+            "embeddings", target, inputs, batch_size, max_workers, ordered, return_exceptions,
+            progress, run_timeout, kwargs,
         )  # fmt: skip
+
+    def _bulk_target(self, endpoint: str, model: str, method: str) -> BulkTarget:
+        """The part of this client the bulk engine uses, for ``model`` on ``endpoint``."""
+        if not isinstance(model, str) or not model:
+            raise TypeError(f"{method}() needs model= as a non-empty str, got {model!r}")
+        resource = {"completions": "completions", "chat": "chat.completions", "embeddings": "embeddings"}[endpoint]
+        create: Any = self
+        for name in resource.split("."):
+            create = getattr(create, name)
+        return BulkTarget(
+            limiter=self._limiter,
+            key=(self._account, self._limit_model({"model": model})),
+            counter=self._counter,
+            stats=self._stats.snapshot,
+            model=model,
+            create=create.create,
+            method=method,
+        )
 
     # -- one call --------------------------------------------------------------------------------
 
@@ -396,12 +525,18 @@ class _ThrottledMixin:
         body = options.json_data if isinstance(options.json_data, Mapping) else {}
         endpoint = endpoint_of(str(options.url))
         key: LimitKey = (self._account, self._limit_model(body))
-        cost = getattr(_current, "cost", None)  # a bulk helper's count, made while packing the batch
+        cost = current.cost  # a bulk helper's count, made while packing the batch
         if cost is None:
             cost = estimate_cost(endpoint, body, self._counter) if endpoint else 0
-        _current.cost = None
-        cancel = getattr(_current, "cancel", None)  # set while a bulk helper's worker runs this call
-        policy, max_wait, limiter, stats = self._retry, self._max_wait, self._limiter, self._stats
+        current.cost = None
+        cancel = current.cancel  # set while a bulk worker runs this call
+        # A bulk call waits its turn: the run has its own deadline (run_timeout), max_wait is for
+        # callers that would rather fail fast (a web view).
+        max_wait = None if cancel is not None else self._max_wait
+        policy, limiter, stats = self._retry, self._limiter, self._stats
+        # Settled when the body has been read, by the response hook, for streams and streamed raw bodies.
+        streaming = bool(kwargs.get("stream")) or _streams_raw(options)
+        options.max_retries = 0  # our loop retries; the SDK's would multiply every attempt of ours
         stats.call()
         waited_total, retries = 0.0, 0
         started = time.monotonic()
@@ -420,19 +555,28 @@ class _ThrottledMixin:
             except BaseException:
                 stats.failed_call()
                 raise
+            attempt = _Attempt(limiter, reservation, streaming, stats, endpoint)
             try:
                 waited = time.monotonic() - before
                 waited_total += waited
                 stats.attempt(cost, waited)
-                _current.waited = getattr(_current, "waited", 0.0) + waited
+                current.waited += waited
                 # 2. Send through the SDK; the response hook reports the headers to the limiter.
-                streaming = bool(kwargs.get("stream"))
-                _current.attempt = _Attempt(limiter, reservation, streaming, stats)
-                result = super().request(cast_to, options, *args, **kwargs)  # type: ignore[misc]
-            except (openai.APIStatusError, openai.APIConnectionError) as error:
+                current.attempt = attempt
+                try:
+                    result = super().request(cast_to, options, *args, **kwargs)  # type: ignore[misc]
+                except _PARSE_ERRORS as error:  # a 2xx whose body the SDK could not parse
+                    if attempt.response is None or not 200 <= attempt.response.status_code < 300:
+                        raise
+                    raise MalformedResponse(attempt.response, _what_is_wrong(attempt.response)) from error
+                used = None
+                if not streaming:
+                    used = _examine(result, cast_to, attempt.response)  # raises MalformedResponse
+            except (openai.APIStatusError, openai.APIConnectionError, MalformedResponse) as error:
                 # 3a. Failed: charge what the server likely counted, then ask the policy.
                 status = getattr(error, "status_code", None)
-                limiter.settle(reservation, 0 if status is not None and status < 500 else None)
+                refused = status is not None and status < 500 and not isinstance(error, MalformedResponse)
+                limiter.settle(reservation, 0 if refused else None)
                 if status == 429:  # "... per min (RPM): Limit 3, Used 3, Requested 1": learn that limit
                     message = parse_limit_message(getattr(error, "message", None) or str(error))
                     if message is not None:
@@ -443,7 +587,7 @@ class _ThrottledMixin:
                     limiter.pause(reservation, decision.delay, decision.kind.rpartition("_")[2])
                 left = _remaining(max_wait, waited_total, policy.deadline, started)
                 retry = decision.retry and (left is None or decision.delay <= left)
-                stats.failed_attempt(decision.kind, decision.pause_all, retry)
+                stats.failed_attempt(decision.kind, status == 429, retry)
                 if not retry:
                     stats.failed_call()
                     if decision.retry and decision.pause_all:
@@ -467,37 +611,75 @@ class _ThrottledMixin:
                         raise Cancelled("the bulk call stopped while this request waited to retry") from error
                     waited_total += decision.delay
                     stats.waited(decision.delay)
-                    _current.waited = getattr(_current, "waited", 0.0) + decision.delay
+                    current.waited += decision.delay
                 continue
             except BaseException:
                 limiter.settle(reservation, None)  # may have been sent: keep it charged
                 stats.failed_call()
                 raise
             finally:
-                _current.attempt = None
+                current.attempt = None
             # 3b. Done: charge the real usage instead of the estimate (a stream, when it ends).
             if not streaming:
-                used = _usage_of(result)
-                limiter.settle(reservation, used)
-                if used is not None:
-                    stats.used(used)
+                attempt.settle(used)
             return result
 
 
-def _usage_of(result: Any) -> Optional[int]:
-    """Tokens used according to a call's result: a parsed model, a dict (``cast_to=object``), or a raw
-    response already read."""
-    usage = result.get("usage") if isinstance(result, Mapping) else getattr(result, "usage", None)
-    if usage is not None:
-        return usage_tokens(usage)
-    http_response = getattr(result, "http_response", None)  # with_raw_response
-    if http_response is None:
-        return None
+#: What the SDK raises when a 2xx body is not what it parses: JSONDecodeError (a ValueError) for JSON cut
+#: short or empty, AttributeError/TypeError/KeyError from a parser handed an error object or a page.
+_PARSE_ERRORS = (ValueError, TypeError, AttributeError, KeyError)
+
+
+def _what_is_wrong(response: Any) -> str:
+    """How a 2xx body the SDK could not parse looks, for the error message (never the body itself)."""
+    kind = response.headers.get("content-type", "")
     try:
-        body = json.loads(http_response.content)  # raises if the body was not read (streaming)
-    except Exception:
-        return None
-    return usage_tokens(body.get("usage")) if isinstance(body, dict) else None
+        size = len(response.content)
+    except Exception:  # not read
+        return "could not be read"
+    if size == 0:
+        return "is empty"
+    if "json" not in kind:
+        return f"is {kind or 'untyped'}, not JSON"
+    return f"is not the JSON expected ({size} bytes)"
+
+
+def _streams_raw(options: Any) -> bool:
+    """Whether the SDK will hand the body over unread (``with_streaming_response``): it marks such a
+    request with this header."""
+    headers = options.headers if isinstance(options.headers, Mapping) else {}
+    return any(k.lower() == "x-stainless-raw-response" and v == "stream" for k, v in headers.items())
+
+
+def _examine(result: Any, cast_to: Any, response: Any) -> Optional[int]:
+    """Tokens used according to a call's result (a parsed model, a dict with ``cast_to=object``, or a
+    raw response already read), after checking it is what the endpoint returns: a 2xx whose body is an
+    HTML page or an ``error`` object raises :class:`MalformedResponse`, to be retried."""
+    http_response = getattr(result, "http_response", None)  # with_raw_response: the body is read
+    if http_response is not None and not isinstance(result, openai.BaseModel):
+        try:
+            result = json.loads(http_response.content)
+        except ValueError:
+            kind = http_response.headers.get("content-type", "")
+            if "json" in kind or kind.startswith("text/html") or not http_response.content:
+                raise MalformedResponse(http_response, _what_is_wrong(http_response)) from None
+            return None  # a file, audio: nothing to check
+    if isinstance(result, str) and cast_to is not str and response is not None:
+        # The SDK hands back the text of a body that is not JSON (a proxy's HTML page, say).
+        raise MalformedResponse(response, _what_is_wrong(response))
+    if isinstance(result, Mapping):
+        error, identity, usage = result.get("error"), result.get("id"), result.get("usage")
+    else:
+        error, identity = getattr(result, "error", None), getattr(result, "id", None)
+        usage = getattr(result, "usage", None)
+    if error is not None and identity is None and response is not None:
+        raise MalformedResponse(response, f"is an error object: {_error_text(error)}")
+    return usage_tokens(usage) if usage is not None else None
+
+
+def _error_text(error: Any) -> str:
+    message = error.get("message") if isinstance(error, Mapping) else getattr(error, "message", None)
+    return str(message or error)[:200]
 
 
 def _remaining(max_wait: Optional[float], waited: float, deadline: Optional[float], started: float) -> Optional[float]:

@@ -7,14 +7,16 @@ that already catches the SDK's base error keeps working. Errors that come from t
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import openai
 
 __all__ = [
     "BudgetExhausted",
     "Cancelled",
+    "IncompleteStream",
     "LimiterUnavailable",
+    "MalformedResponse",
     "RateLimitTimeout",
     "RequestTooLarge",
     "ThrottledOpenAIError",
@@ -143,3 +145,26 @@ class LimiterUnavailable(ThrottledOpenAIError):
     def __init__(self, message: str, retry_after: float = 1.0) -> None:
         self.retry_after = retry_after
         super().__init__(message)
+
+
+class MalformedResponse(ThrottledOpenAIError, openai.APIResponseValidationError):
+    """A 2xx response whose body is not what the endpoint returns: JSON cut short or empty (a proxy or
+    load balancer dropped the end), an HTML page, or an ``error`` object sent with status 200.
+
+    A transient fault: retried under the client's :class:`Retry` policy (counted as
+    ``malformed_response`` in ``stats().errors``), raised once the policy gives up. The server may
+    have done (and billed) the work. ``response`` and ``status_code`` are the HTTP response's.
+    """
+
+    def __init__(self, response: Any, problem: str) -> None:
+        super().__init__(response, None, message=f"the server's {response.status_code} response {problem}")
+
+
+class IncompleteStream(MalformedResponse):
+    """A stream that ended without its final event (``data: [DONE]``, or the Responses API's
+    ``response.completed``): the connection closed cleanly, but the answer is cut short.
+
+    Raised where the stream is read, after the chunks that did arrive: they were already handed over,
+    so the call cannot be retried for you. Counted as ``incomplete_stream`` in ``stats().errors``; the
+    call's estimate stays charged.
+    """

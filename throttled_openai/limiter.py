@@ -317,8 +317,10 @@ class RateLimiter:
     """Thread-safe RPM + TPM limiter shared by every client and thread that holds it.
 
     - ``rpm`` / ``tpm``: per-minute defaults for every model; ``limits``: per-model overrides
-      (``{"gpt-4o": Limits(rpm=500, tpm=30_000)}``). A limit left ``None`` is learned from the server's
-      headers. Limits are per minute; the server's own (lower) limit wins once it is known.
+      (``{"gpt-4o": Limits(rpm=500, tpm=30_000)}``); what an override leaves ``None`` keeps the default
+      (``Limits(rpm=500)`` with ``tpm=30_000`` given is 500 RPM and 30,000 TPM). A limit ``None`` in
+      both is learned from the server's headers. Limits are per minute; the server's own (lower)
+      limit wins once it is known.
     - ``headroom``: fraction of each rate left unused to absorb clock and network jitter (default 0.02).
     - ``initial_burst``: seconds of budget that may be spent at once before the server's headers show
       that more is available (default 1.0: start conservatively, as servers may enforce per second).
@@ -342,14 +344,17 @@ class RateLimiter:
         for model, model_limits in (limits or {}).items():
             if not isinstance(model, str) or not isinstance(model_limits, Limits):
                 raise TypeError(f"limits must map model names to Limits, got {model!r}: {model_limits!r}")
-            self._limits[model] = model_limits
-        if isinstance(headroom, bool) or not isinstance(headroom, (int, float)) or not 0 <= headroom < 1:
+            # An override names what differs: the defaults it leaves out still hold.
+            self._limits[model] = Limits(
+                rpm=self._default.rpm if model_limits.rpm is None else model_limits.rpm,
+                tpm=self._default.tpm if model_limits.tpm is None else model_limits.tpm,
+            )
+        for name, value in (("headroom", headroom), ("initial_burst", initial_burst)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a number, got {value!r}")
+        if not 0 <= headroom < 1:
             raise ValueError(f"headroom must be a fraction in [0, 1), got {headroom!r}")
-        if (
-            isinstance(initial_burst, bool)
-            or not isinstance(initial_burst, (int, float))
-            or not (math.isfinite(initial_burst) and initial_burst > 0)
-        ):
+        if not (math.isfinite(initial_burst) and initial_burst > 0):
             raise ValueError(f"initial_burst must be a number of seconds > 0, got {initial_burst!r}")
         self._headroom = float(headroom)
         self._initial_burst = float(initial_burst)

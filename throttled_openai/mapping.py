@@ -16,6 +16,7 @@ like any other caller, so several maps and plain calls on one client share it fa
 
 from __future__ import annotations
 
+import inspect
 import math
 import queue
 import threading
@@ -25,7 +26,6 @@ from concurrent.futures import FIRST_COMPLETED, Future, wait
 from contextlib import closing
 from dataclasses import dataclass
 from typing import (
-    TYPE_CHECKING,
     Any,
     Callable,
     Deque,
@@ -51,14 +51,14 @@ from .batching import (
     pack,
     split_choices,
 )
+from .context import current
 from .errors import Cancelled, RequestTooLarge, ThrottledOpenAIError
+from .limiter import LimitKey, RateLimiter
 from .retry import Retry
-from .tokens import estimate_cost
+from .stats import StatsSnapshot
+from .tokens import TokenCounter, estimate_cost
 
-if TYPE_CHECKING:
-    from .client import _ThrottledMixin
-
-__all__ = ["BulkError", "BulkInterrupted", "Progress"]
+__all__ = ["BulkError", "BulkInterrupted", "BulkTarget", "BulkTimeout", "Progress"]
 
 # Ceiling on threads when the concurrency is derived rather than given.
 _MAX_DERIVED_WORKERS = 64
@@ -86,17 +86,20 @@ class BulkError(ThrottledOpenAIError):
 
 
 class BulkTimeout(BulkError, TimeoutError):
-    """The bulk call's ``timeout`` passed before every input was done."""
+    """The bulk call's ``run_timeout`` passed before every input was done."""
 
 
-class BulkInterrupted(KeyboardInterrupt):
-    """Ctrl-C during a bulk call: what was not sent was cancelled. ``results`` / ``errors`` as in
-    :class:`BulkError`. A subclass of ``KeyboardInterrupt``, so it still stops the program."""
+#: Ctrl-C during a bulk call raises the ``KeyboardInterrupt`` itself, so that an interrupted script
+#: exits as Python does (status 130; a subclass would exit with 1). Before it leaves the bulk call,
+#: what was not sent is cancelled and ``results`` / ``errors`` (as in :class:`BulkError`) are set on it:
+#: ``except BulkInterrupted as stop: partial = getattr(stop, "results", None)``. An alias kept for
+#: code written against the subclass it used to be.
+BulkInterrupted = KeyboardInterrupt
 
-    def __init__(self, results: List[Any], errors: Dict[int, BaseException]) -> None:
-        super().__init__("interrupted: results obtained so far are in .results")
-        self.results = results
-        self.errors = errors
+
+def _interrupted(stop: KeyboardInterrupt, results: List[Any], errors: Dict[int, BaseException]) -> None:
+    setattr(stop, "results", results)  # noqa: B010  # KeyboardInterrupt declares no such attribute
+    setattr(stop, "errors", errors)  # noqa: B010
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,27 @@ class Progress:
 ProgressArg = Union[bool, Callable[[Progress], None], None]
 
 
+@dataclass(frozen=True)
+class BulkTarget:
+    """What the bulk engine needs from a client, for one model and endpoint: the whole interface
+    between :mod:`throttled_openai.client` and this module.
+
+    ``limiter`` and ``key``: where the requests wait (the key's limits size the batches and the
+    concurrency); ``counter``: the client's token counter, for the packing estimates; ``stats``: the
+    client's counters now, for progress; ``create``: the SDK method one request goes through (e.g.
+    ``client.chat.completions.create``), with ``model=model``; ``method``: the bulk method's name,
+    for messages.
+    """
+
+    limiter: RateLimiter
+    key: LimitKey
+    counter: TokenCounter
+    stats: Callable[[], StatsSnapshot]
+    model: str
+    create: Callable[..., Any]
+    method: str
+
+
 # -- validation --------------------------------------------------------------------------------
 
 
@@ -132,12 +156,53 @@ def _check_positive_int(name: str, value: Any, upper: Optional[int] = None, allo
         raise ValueError(f"{name} must be {bound}, got {value}")
 
 
-def _check_common(kwargs: Mapping[str, Any], max_workers: Optional[int], timeout: Optional[float]) -> None:
+#: For each endpoint, the arguments of ``create`` that the bulk call fills in from its inputs.
+_FILLED = {"completions": ("model", "prompt"), "chat": ("model", "messages"), "embeddings": ("model", "input")}
+_SDK_METHOD = {
+    "completions": "completions.create",
+    "chat": "chat.completions.create",
+    "embeddings": "embeddings.create",
+}
+
+
+def _check_common(
+    target: BulkTarget, endpoint: str, kwargs: Mapping[str, Any], max_workers: Optional[int], run_timeout: Any
+) -> None:
+    """Everything about the call itself, checked before any input is read or anything is sent."""
+    for name in _FILLED[endpoint]:
+        if name in kwargs:
+            raise TypeError(
+                f"{target.method}() got {name}=, which it fills in itself"
+                + (" from each input: pass the inputs as the first argument" if name != "model" else "")
+            )
+    accepted = _parameters(target.create)
+    if accepted is not None:
+        unknown = sorted(set(kwargs) - accepted)
+        if unknown:
+            raise TypeError(
+                f"{target.method}() got an unexpected keyword argument {unknown[0]!r}: "
+                f"the SDK's {_SDK_METHOD[endpoint]} takes no such argument"
+            )
     if kwargs.get("stream"):
         raise ValueError("stream=True is not supported by the bulk helpers; call create() for streams")
     _check_positive_int("max_workers", max_workers, allow_none=True)
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0):
-        raise ValueError(f"timeout must be a number of seconds > 0 or None, got {timeout!r}")
+    if run_timeout is not None:
+        if isinstance(run_timeout, bool) or not isinstance(run_timeout, (int, float)):
+            raise TypeError(f"run_timeout must be a number of seconds or None, got {run_timeout!r}")
+        if not run_timeout > 0:
+            raise ValueError(f"run_timeout must be > 0 seconds or None, got {run_timeout!r}")
+
+
+def _parameters(function: Callable[..., Any]) -> Optional[frozenset[str]]:
+    """The keyword arguments ``function`` takes; ``None`` when it takes any (``**kwargs``) or cannot
+    be inspected."""
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters):
+        return None
+    return frozenset(p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
 
 
 def _is_prompt(value: Any) -> bool:
@@ -231,16 +296,15 @@ class _Run:
 
     def __init__(
         self,
-        client: _ThrottledMixin,
-        model: str,
+        target: BulkTarget,
         send: Callable[[Batch[Any]], List[Any]],
         max_workers: Optional[int],
         progress: ProgressArg,
         timeout: Optional[float],
         total: Optional[int],
     ) -> None:
-        self.client = client
-        self.key = (client._account, client._limit_model({"model": model}))
+        self.limiter = target.limiter
+        self.key = target.key
         self.send = send
         self.fixed_workers = max_workers
         self.stop = threading.Event()  # no more requests: set on failure, timeout, Ctrl-C, close()
@@ -251,17 +315,18 @@ class _Run:
         self.done = 0
         self.failed = 0
         self.latency = 0.0  # moving average of a request's seconds on the wire, waits excluded
-        self.stats0 = client._stats.snapshot()
+        self.stats = target.stats
+        self.stats0 = target.stats()
         self.progress = progress
 
     def target(self) -> int:
         """Requests to keep in flight: the request rate times the latency, with a quarter to spare.
         One, while the limits are unknown: the first answer tells the budget batches must fit."""
-        if not self.client.limiter.limits_known(self.key):
+        if not self.limiter.limits_known(self.key):
             return 1
         if self.fixed_workers is not None:
             return self.fixed_workers
-        rate = self.client.limiter.request_rate(self.key)  # requests per second, or None
+        rate = self.limiter.request_rate(self.key)  # requests per second, or None
         if rate is None or self.latency == 0.0:
             return 8
         return max(2, min(_MAX_DERIVED_WORKERS, math.ceil(rate * self.latency * 1.25) + 1))
@@ -271,16 +336,14 @@ class _Run:
             return [self.fatal] * len(batch.items)
         if self.stop.is_set():
             raise Cancelled("the bulk call stopped before this request was sent")
-        from .client import _current
-
-        _current.cancel = self.stop
-        _current.waited = 0.0
+        current.cancel = self.stop  # also: the client's max_wait does not apply, the run's deadline does
+        current.waited = 0.0
         started = time.monotonic()
         try:
             return self.send(batch)
         finally:
-            _current.cancel = None
-            spent = time.monotonic() - started - _current.waited
+            current.cancel = None
+            spent = time.monotonic() - started - current.waited
             self.latency = spent if self.latency == 0.0 else 0.8 * self.latency + 0.2 * spent
 
     def results(self, batches: Iterator[Batch[Any]], ordered: bool) -> Generator[Tuple[int, Any], None, None]:
@@ -376,7 +439,7 @@ def _progress_reporter(progress: ProgressArg, total: Optional[int]) -> Reporter:
         callback = progress
 
         def report(run: _Run) -> None:
-            stats = run.client._stats.snapshot()
+            stats = run.stats()
             callback(
                 Progress(
                     done=run.done,
@@ -394,7 +457,7 @@ def _progress_reporter(progress: ProgressArg, total: Optional[int]) -> Reporter:
     bar = tqdm(total=total, unit="input", dynamic_ncols=True)
 
     def update(run: _Run) -> None:
-        stats = run.client._stats.snapshot()
+        stats = run.stats()
         bar.update(run.done - bar.n)
         bar.set_postfix(
             failed=run.failed,
@@ -429,9 +492,10 @@ def _collect(run: _Run, batches: Iterator[Batch[Any]], size: int, return_excepti
                 else:
                     results[position] = outcome
     except _DeadlinePassed:
-        raise BulkTimeout(f"timeout passed with {run.done} of {size} inputs done", results, errors) from None
-    except KeyboardInterrupt:
-        raise BulkInterrupted(results, errors) from None
+        raise BulkTimeout(f"run_timeout passed with {run.done} of {size} inputs done", results, errors) from None
+    except KeyboardInterrupt as stop:
+        _interrupted(stop, results, errors)
+        raise
     if errors:
         first = min(errors)
         raise BulkError(
@@ -446,16 +510,47 @@ def _collect(run: _Run, batches: Iterator[Batch[Any]], size: int, return_excepti
 def _iterate(
     run: _Run, batches: Iterator[Batch[Any]], ordered: bool, return_exceptions: bool
 ) -> Iterator[Tuple[int, Any]]:
-    try:
-        with closing(run.results(batches, ordered)) as outcomes:
+    """Yield from ``run``; on a failure (without ``return_exceptions``), a timeout or Ctrl-C, drain what
+    is already on its way and raise with every result the caller has not been given: ``results`` is
+    aligned with the input up to the last input read (results already yielded are not kept twice:
+    keeping them all would break the flat memory an unbounded input needs)."""
+    outcomes = run.results(batches, ordered)
+    unyielded: Dict[int, Any] = {}
+    errors: Dict[int, BaseException] = {}
+
+    def drain() -> List[Any]:
+        """Stop sending, wait for what is in flight, and lay out what was obtained."""
+        run.stop.set()
+        try:
             for position, outcome in outcomes:
-                if isinstance(outcome, BaseException) and not return_exceptions:
-                    raise BulkError(f"input {position} failed: {outcome!r}", [], {position: outcome})
-                yield position, outcome
+                if isinstance(outcome, BaseException):
+                    errors[position] = outcome
+                else:
+                    unyielded[position] = outcome
+        except _DeadlinePassed:
+            pass
+        finally:
+            outcomes.close()
+        laid_out: List[Any] = [None] * (max([*unyielded, *errors], default=-1) + 1)
+        for position, outcome in unyielded.items():
+            laid_out[position] = outcome
+        return laid_out
+
+    try:
+        for position, outcome in outcomes:
+            if isinstance(outcome, BaseException) and not return_exceptions:
+                errors[position] = outcome
+                results = drain()
+                raise BulkError(f"input {position} failed: {outcome!r}", results, errors)
+            yield position, outcome
     except _DeadlinePassed:
-        raise BulkTimeout(f"timeout passed with {run.done} inputs done", [], {}) from None
-    except KeyboardInterrupt:
-        raise BulkInterrupted([], {}) from None
+        results = drain()
+        raise BulkTimeout(f"run_timeout passed with {run.done} inputs done", results, errors) from None
+    except KeyboardInterrupt as stop:
+        _interrupted(stop, drain(), errors)
+        raise
+    finally:
+        outcomes.close()
 
 
 # -- what to send -----------------------------------------------------------------------------
@@ -492,13 +587,11 @@ def _sender(
     or repeated is asked again once, alone."""
 
     def send(batch: Batch[Any], again: bool = True) -> List[Any]:
-        from .client import _current
-
-        _current.cost = batch.cost  # already counted while packing: spare the client a second count
+        current.cost = batch.cost  # already counted while packing: spare the client a second count
         try:
             response = create(list(batch.items))
         except Exception as exc:
-            _current.cost = None
+            current.cost = None
             if len(batch.items) > 1 and _about_one_input(exc):
                 left, right = batch.halves(cost)
                 return send(left, again) + send(right, again)
@@ -516,15 +609,15 @@ def _sender(
     return send
 
 
-def _token_budget(client: _ThrottledMixin, model: str, ceiling: Optional[int] = None) -> Callable[[], Optional[int]]:
+def _token_budget(target: BulkTarget, ceiling: Optional[int] = None) -> Callable[[], Optional[int]]:
     """The most tokens one request may cost: what the limiter lets through at once (its burst).
     While the limits are unknown, 0: one input per request (only one is in flight then)."""
-    key = (client._account, client._limit_model({"model": model}))
+    limiter, key = target.limiter, target.key
 
     def budget() -> Optional[int]:
-        if not client.limiter.limits_known(key):
+        if not limiter.limits_known(key):
             return 0
-        burst = client.limiter.token_burst(key)
+        burst = limiter.token_burst(key)
         if burst is None:
             return ceiling
         return max(1, int(burst)) if ceiling is None else min(ceiling, max(1, int(burst)))
@@ -533,7 +626,7 @@ def _token_budget(client: _ThrottledMixin, model: str, ceiling: Optional[int] = 
 
 
 def _completions_plan(
-    client: _ThrottledMixin, prompts: Iterable[Any], model: str, batch_size: int, kwargs: Dict[str, Any]
+    target: BulkTarget, prompts: Iterable[Any], model: str, batch_size: int, kwargs: Dict[str, Any]
 ) -> Tuple[Iterator[Batch[Any]], Callable[[Batch[Any]], List[Any]]]:
     _check_positive_int("batch_size", batch_size, upper=2048)
     n = kwargs.get("n", 1)
@@ -546,7 +639,7 @@ def _completions_plan(
     priced = {k: v for k, v in kwargs.items() if k in ("max_tokens", "n", "best_of")}
 
     def cost(prompt: Any) -> int:
-        return estimate_cost("completions", {"model": model, "prompt": prompt, **priced}, client._counter)
+        return estimate_cost("completions", {"model": model, "prompt": prompt, **priced}, target.counter)
 
     def result(response: Any, choices: List[Any], position: int) -> Any:
         for j, choice in enumerate(choices):
@@ -555,25 +648,25 @@ def _completions_plan(
 
     checked = _checked(prompts, _is_prompt, "a str or a list of token ids")
     items = ((position, prompt, cost(prompt)) for position, prompt in checked)
-    batches = pack(items, batch_size, _token_budget(client, model), kind=lambda prompt: isinstance(prompt, str))
-    create = client.completions.create  # type: ignore[attr-defined]
+    batches = pack(items, batch_size, _token_budget(target), kind=lambda prompt: isinstance(prompt, str))
+    create = target.create
     send = _sender(lambda ps: create(model=model, prompt=ps, **kwargs), lambda r: r.choices, result, cost, n)
     return batches, send
 
 
 def _embeddings_plan(
-    client: _ThrottledMixin, inputs: Iterable[Any], model: str, batch_size: int, kwargs: Dict[str, Any]
+    target: BulkTarget, inputs: Iterable[Any], model: str, batch_size: int, kwargs: Dict[str, Any]
 ) -> Tuple[Iterator[Batch[Any]], Callable[[Batch[Any]], List[Any]]]:
     _check_positive_int("batch_size", batch_size, upper=MAX_INPUTS_PER_EMBEDDING)
 
     def cost(text: Any) -> int:
-        return estimate_cost("embeddings", {"model": model, "input": text}, client._counter)
+        return estimate_cost("embeddings", {"model": model, "input": text}, target.counter)
 
     checked = _checked(inputs, _is_prompt, "a str or a list of token ids")
     items = ((position, text, cost(text)) for position, text in checked)
-    budget = _token_budget(client, model, MAX_TOKENS_PER_EMBEDDING)
+    budget = _token_budget(target, MAX_TOKENS_PER_EMBEDDING)
     batches = pack(items, batch_size, budget, kind=lambda text: isinstance(text, str))
-    create = client.embeddings.create  # type: ignore[attr-defined]
+    create = target.create
     send = _sender(
         lambda texts: create(model=model, input=texts, **kwargs),
         lambda r: r.data,
@@ -592,14 +685,14 @@ def _is_conversation(value: Any) -> bool:
 
 
 def _chat_plan(
-    client: _ThrottledMixin, conversations: Iterable[Any], model: str, batch_size: int, kwargs: Dict[str, Any]
+    target: BulkTarget, conversations: Iterable[Any], model: str, batch_size: int, kwargs: Dict[str, Any]
 ) -> Tuple[Iterator[Batch[Any]], Callable[[Batch[Any]], List[Any]]]:
     n = kwargs.get("n", 1)
     _check_positive_int("n", n, upper=128)
     priced = {k: v for k, v in kwargs.items() if k in ("max_tokens", "max_completion_tokens", "n")}
 
     def cost(messages: Any) -> int:
-        return estimate_cost("chat", {"model": model, "messages": messages, **priced}, client._counter)
+        return estimate_cost("chat", {"model": model, "messages": messages, **priced}, target.counter)
 
     def result(response: Any, choices: List[Any], position: int) -> Any:
         response.choices = choices  # in index order
@@ -608,14 +701,14 @@ def _chat_plan(
     checked = _checked(conversations, _is_conversation, "a non-empty list of messages")
     items = ((position, list(messages), cost(messages)) for position, messages in checked)
     batches = pack(items, 1, lambda: None)  # the API takes one conversation per request
-    create = client.chat.completions.create  # type: ignore[attr-defined]
+    create = target.create
     # One conversation per request: its n choices are checked like a batch of one input.
     send = _sender(lambda convs: create(model=model, messages=convs[0], **kwargs), lambda r: r.choices, result, cost, n)
     return batches, send
 
 
 Plan = Callable[
-    ["_ThrottledMixin", Iterable[Any], str, int, Dict[str, Any]],
+    [BulkTarget, Iterable[Any], str, int, Dict[str, Any]],
     Tuple[Iterator[Batch[Any]], Callable[[Batch[Any]], List[Any]]],
 ]
 
@@ -629,53 +722,51 @@ PLANS: Dict[str, Tuple[Plan, Callable[[Any], bool], str]] = {
 
 def bulk_map(
     endpoint: str,
-    client: _ThrottledMixin,
+    target: BulkTarget,
     inputs: Iterable[Any],
-    model: str,
     batch_size: int,
     max_workers: Optional[int],
     return_exceptions: bool,
     progress: ProgressArg,
-    timeout: Optional[float],
+    run_timeout: Optional[float],
     kwargs: Dict[str, Any],
 ) -> List[Any]:
     """Every input checked before anything is sent, then run; results aligned with the input."""
     if isinstance(inputs, (str, bytes)):
         raise TypeError("inputs must be a list (or iterable) of inputs, not a single str")
     plan, check, what = PLANS[endpoint]
-    items = inputs if isinstance(inputs, Sequence) else list(inputs)
-    _check_common(kwargs, max_workers, timeout)
+    _check_common(target, endpoint, kwargs, max_workers, run_timeout)
     _check_progress(progress)
+    items = inputs if isinstance(inputs, Sequence) else list(inputs)
     for position, value in enumerate(items):
         if not check(value):
             raise TypeError(f"input {position} must be {what}, got {type(value).__name__}")
-    batches, send = plan(client, items, model, batch_size, kwargs)
+    batches, send = plan(target, items, target.model, batch_size, kwargs)
     if not items:
         return []
-    run = _Run(client, model, send, max_workers, progress, timeout, len(items))
+    run = _Run(target, send, max_workers, progress, run_timeout, len(items))
     return _collect(run, batches, len(items), return_exceptions)
 
 
 def bulk_imap(
     endpoint: str,
-    client: _ThrottledMixin,
+    target: BulkTarget,
     inputs: Iterable[Any],
-    model: str,
     batch_size: int,
     max_workers: Optional[int],
     ordered: bool,
     return_exceptions: bool,
     progress: ProgressArg,
-    timeout: Optional[float],
+    run_timeout: Optional[float],
     kwargs: Dict[str, Any],
 ) -> Iterator[Tuple[int, Any]]:
     """Lazy: the input is read as requests go out, a bounded window ahead; each input is checked as
     it is read, before its request is sent. Nothing starts before the first ``next()``."""
     if isinstance(inputs, (str, bytes)):
         raise TypeError("inputs must be an iterable of inputs, not a single str")
-    _check_common(kwargs, max_workers, timeout)
+    _check_common(target, endpoint, kwargs, max_workers, run_timeout)
     _check_progress(progress)
-    batches, send = PLANS[endpoint][0](client, inputs, model, batch_size, kwargs)
+    batches, send = PLANS[endpoint][0](target, inputs, target.model, batch_size, kwargs)
     total = len(inputs) if isinstance(inputs, Sequence) else None
-    run = _Run(client, model, send, max_workers, progress, timeout, total)
+    run = _Run(target, send, max_workers, progress, run_timeout, total)
     return _iterate(run, batches, ordered, return_exceptions)

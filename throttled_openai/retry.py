@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 import openai
 
+from .errors import IncompleteStream, MalformedResponse
 from .headers import parse_retry_after, parse_try_again
 
 __all__ = ["NEVER_RETRY_CODES", "RETRY_STATUS_CODES", "Decision", "Retry"]
@@ -84,6 +85,10 @@ class Retry:
       of a 429 message, replaces the backoff (plus up to 10 % jitter so threads don't return in step).
       Values above ``max_retry_after`` seconds are not waited for: the error is raised.
 
+    Retried as transient faults: 5xx (``server_error``; ``gateway_error`` when the body is a proxy's
+    page, not OpenAI's JSON), timeouts and connection errors, and 2xx responses whose body is not
+    what the endpoint returns (``malformed_response``: cut short, empty, HTML, an ``error`` object).
+
     Never retried, whatever the settings: quota and billing 429s (:data:`NEVER_RETRY_CODES`), "Request
     too large" 429s, and 4xx other than 408/409/429 (bad input, auth, not found). A server that sends
     ``x-should-retry: false`` is obeyed.
@@ -104,6 +109,13 @@ class Retry:
         for name in ("backoff_base", "backoff_max", "max_retry_after"):
             _check_seconds(name, getattr(self, name), allow_none=False)
         _check_seconds("deadline", self.deadline, allow_none=True)
+        if self.backoff_base == 0:
+            raise ValueError("backoff_base must be > 0 seconds: 0 would retry at once, in a burst")
+        if self.backoff_max < self.backoff_base:
+            raise ValueError(
+                f"backoff_max ({self.backoff_max!r} s) must be >= backoff_base ({self.backoff_base!r} s): "
+                "it caps the backoff that starts at backoff_base"
+            )
 
     def replace(self, **changes: Any) -> Retry:
         """A copy with some fields changed (policies are immutable)."""
@@ -147,7 +159,11 @@ class Retry:
 
     @staticmethod
     def classify(error: BaseException) -> tuple[str, bool, bool]:
-        """``(kind, retryable, rate_limited)`` for an error raised by the SDK."""
+        """``(kind, retryable, rate_limited)`` for an error raised by the SDK (or a 2xx found malformed)."""
+        if isinstance(error, IncompleteStream):
+            return "incomplete_stream", True, False
+        if isinstance(error, MalformedResponse):
+            return "malformed_response", True, False
         if isinstance(error, openai.APITimeoutError):
             return "timeout", True, False
         if isinstance(error, openai.APIConnectionError):
@@ -167,7 +183,8 @@ class Retry:
         if should_retry in ("true", "false"):
             return f"status_{status}", should_retry == "true", False
         if status >= 500:
-            return "server_error", True, False
+            # Not OpenAI's JSON error but a page (HTML) from a proxy, gateway or load balancer in between.
+            return ("server_error" if isinstance(error.body, (dict, type(None))) else "gateway_error"), True, False
         if status in RETRY_STATUS_CODES:
             return f"status_{status}", True, False
         return f"status_{status}", False, False

@@ -14,9 +14,11 @@ class StatsSnapshot:
     """A consistent copy of the counters at one moment.
 
     ``calls``: API calls made through the client; ``requests``: HTTP attempts sent (calls + retries);
-    ``retries``; ``failures``: calls that ended in an exception; ``rate_limited``: 429s received, by kind
-    (``rate_limit_requests``, ``rate_limit_tokens``, ``rate_limit_other``, ``quota``, ``too_large``);
-    ``errors``: other failed attempts by kind; ``tokens_reserved``: estimated tokens booked per attempt;
+    ``retries``; ``failures``: calls that ended in an exception; ``rate_limited``: every 429 received,
+    retried or not, by kind (``rate_limit_requests``, ``rate_limit_tokens``, ``rate_limit_other``,
+    ``quota``, ``too_large``); ``errors``: other failed attempts by kind (``server_error``,
+    ``gateway_error``, ``timeout``, ``connection``, ``malformed_response``, ``incomplete_stream``,
+    ``status_400``, ...); ``tokens_reserved``: estimated tokens booked per attempt;
     ``tokens_used``: tokens the responses' ``usage`` reported; ``wait_seconds`` / ``max_wait_seconds``:
     total and longest time one attempt waited for capacity or backoff; ``limits``: per model, the
     limiter's view of its limits when the snapshot was taken (:meth:`RateLimiter.snapshot`: each
@@ -75,9 +77,10 @@ class Stats:
         with self._lock:
             self._snap = replace(self._snap, tokens_used=self._snap.tokens_used + tokens)
 
-    def failed_attempt(self, kind: str, rate_limited: bool, retried: bool) -> None:
+    def failed_attempt(self, kind: str, status_429: bool, retried: bool) -> None:
+        """One attempt failed with ``kind``; every 429 counts under ``rate_limited``, retried or not."""
         with self._lock:
-            table = self._rate_limited if rate_limited or kind in ("quota", "too_large") else self._errors
+            table = self._rate_limited if status_429 else self._errors
             table[kind] = table.get(kind, 0) + 1
             if retried:
                 self._snap = replace(self._snap, retries=self._snap.retries + 1)
