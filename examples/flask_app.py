@@ -1,8 +1,14 @@
 """A Flask app whose views call OpenAI through one ThrottledClient per process.
 
+From the repository root (``pip install -e .`` and Flask first; gunicorn for production):
+
     export OPENAI_API_KEY=sk-...  REDIS_URL=redis://127.0.0.1:6379/0  OPENAI_RPM=500  OPENAI_TPM=200000
     gunicorn -w 4 --threads 8 -b 127.0.0.1:8000 'examples.flask_app:create_app()'
+    flask --app examples.flask_app run --port 8000        # development server
+    python examples/flask_app.py 8000                     # the same (the port is optional)
     curl -X POST localhost:8000/chat -H 'Content-Type: application/json' -d '{"message": "Hi"}'
+
+``GET /healthz`` answers without calling OpenAI.
 
 Why it is built this way:
 
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import openai
@@ -184,4 +191,4 @@ def _number(value: Any) -> Optional[float]:
 
 
 if __name__ == "__main__":  # development server only; use gunicorn (see the top) in production
-    create_app().run(port=8000, threaded=True)
+    create_app().run(port=int(sys.argv[1]) if len(sys.argv) > 1 else 8000, threaded=True)

@@ -1,8 +1,11 @@
 """The web examples answer as documented, and gunicorn workers sharing a Redis limiter keep the limit.
 
 ``examples/flask_app.py`` runs under Flask's test client and under a real ``gunicorn -w 4``;
-``examples/django_app`` runs under Django's test client. Each test starts its own fake OpenAI server
-(and Redis), so nothing here needs a network or an API key.
+``examples/django_app`` runs under Django's test client. Every command the examples' docstrings
+document (gunicorn, ``flask --app ... run``, ``manage.py runserver`` / ``check``, ...) is run as a user
+would: the installed command, from the directory the docs say, with none of this test run's import
+path, and the servers answer a chat through the fake. Each test starts its own fake OpenAI server (and
+Redis), so nothing here needs a network or an API key.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import contextlib
 import http.client
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,7 +23,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import IO, Any, Dict, Iterator, Optional, Tuple
+from typing import IO, Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
@@ -155,12 +159,40 @@ def test_flask_redis_down_answers_503(flask_app: Any, fake: FakeOpenAI) -> None:
     assert _requests_seen(fake) == before
 
 
-# -- Flask under gunicorn: four workers, one budget in Redis ----------------------------------------
+# -- servers in their own processes, started as a user starts them --------------------------------
 
-RPM = 600  # 10 requests per second
-OFFERED_PER_SECOND = 2 * RPM / 60  # twice what the limit lets through
-LOAD_SECONDS = 4.0
-WORKERS = 4
+# Not inherited from this test run: its import path, and any settings of the examples.
+_NOT_INHERITED = ("PYTHONPATH", "PYTHONSAFEPATH", "PYTHONSTARTUP", "DJANGO_", "FLASK_", "OPENAI_", "REDIS_URL")
+
+
+def _user_env(**settings: str) -> Dict[str, str]:
+    """A user's shell: this environment without ``_NOT_INHERITED``, plus ``settings``."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith(_NOT_INHERITED)}
+    env.pop("THROTTLED_OPENAI_ON_ERROR", None)
+    env.update(NO_PROXY="127.0.0.1,localhost", **settings)
+    return env
+
+
+def _command(name: str) -> str:
+    """An installed command (``gunicorn``, ``flask``): the one beside this Python, else on PATH."""
+    beside = Path(sys.executable).with_name(name)
+    found = str(beside) if beside.exists() else shutil.which(name)
+    if found is None:
+        pytest.skip(f"no {name} command installed")
+    return found
+
+
+def _gunicorn(app: str, workers: int) -> Callable[[int], List[str]]:
+    """``gunicorn -w <workers> --threads 4 -b 127.0.0.1:<port> <app>``, the command the docs give."""
+    pytest.importorskip("gunicorn")
+    if sys.platform == "win32":
+        pytest.skip("gunicorn runs on Unix only")
+    from gunicorn.config import KNOWN_SETTINGS
+
+    options = ["-w", str(workers), "--threads", "4", "--graceful-timeout", "2"]
+    if any(setting.name == "control_socket_disable" for setting in KNOWN_SETTINGS):
+        options.append("--no-control-socket")  # gunicorn >= 24 would otherwise share ~/.gunicorn/gunicorn.ctl
+    return lambda port: [_command("gunicorn"), *options, "-b", f"127.0.0.1:{port}", app]
 
 
 def _http(
@@ -188,53 +220,101 @@ def _tail(log: IO[bytes]) -> str:
 
 
 @contextlib.contextmanager
-def _gunicorn(app: str, env: Dict[str, str], workers: int) -> Iterator[Tuple[int, IO[bytes]]]:
-    """Run gunicorn in its own process group until it answers ``/healthz``; always stop all of it."""
-    from gunicorn.config import KNOWN_SETTINGS
-
+def _server(
+    command: Callable[[int], List[str]], env: Dict[str, str], cwd: Path = ROOT
+) -> Iterator[Tuple[int, IO[bytes]]]:
+    """Run ``command(port)`` in its own process group until it answers ``/healthz``; always stop all of it."""
     port = _free_port()
-    command = [sys.executable, "-m", "gunicorn", "-w", str(workers), "--threads", "4", "-b", f"127.0.0.1:{port}"]
-    command += ["--graceful-timeout", "2", app]
-    if any(setting.name == "control_socket_disable" for setting in KNOWN_SETTINGS):
-        command.append("--no-control-socket")  # gunicorn >= 24 would otherwise share ~/.gunicorn/gunicorn.ctl
+    argv = command(port)
     with tempfile.TemporaryFile() as log:
-        process = subprocess.Popen(
-            command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        process = subprocess.Popen(argv, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             deadline = time.monotonic() + 30
             while True:
                 if process.poll() is not None:
-                    pytest.fail(f"gunicorn exited with status {process.returncode}:\n{_tail(log)}")
+                    pytest.fail(f"{argv} exited with status {process.returncode}:\n{_tail(log)}")
                 with contextlib.suppress(OSError):
                     if _http(port, "GET", "/healthz", timeout=2)[0] == 200:
                         break
                 if time.monotonic() > deadline:
-                    pytest.fail(f"gunicorn did not answer within 30 s:\n{_tail(log)}")
+                    pytest.fail(f"{argv} did not answer /healthz within 30 s:\n{_tail(log)}")
                 time.sleep(0.1)  # poll interval while it boots
             yield port, log
         finally:
-            process.terminate()  # SIGTERM: the master stops its workers, waiting at most --graceful-timeout
+            process.terminate()  # SIGTERM: gunicorn's master stops its workers, waiting at most --graceful-timeout
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(10)
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)  # whatever is left of the group, master included
+                os.killpg(process.pid, signal.SIGKILL)  # whatever is left of the group (a reloader's child, ...)
             process.wait(5)
+
+
+# -- the documented commands ---------------------------------------------------------------------
+
+# Each command as the examples' docstrings (and README.md) give it, run from the repository root; the
+# port is the test's, the worker count 1 (the docs' 4 cost boot time and show nothing more here).
+DOCUMENTED_SERVERS: Dict[str, Callable[[], Callable[[int], List[str]]]] = {
+    "flask: gunicorn 'examples.flask_app:create_app()'": lambda: _gunicorn("examples.flask_app:create_app()", 1),
+    "flask: flask --app examples.flask_app run": lambda: (
+        lambda port: [_command("flask"), "--app", "examples.flask_app", "run", "--port", str(port)]
+    ),
+    "flask: python examples/flask_app.py": lambda: lambda port: [sys.executable, "examples/flask_app.py", str(port)],
+    "django: gunicorn examples.django_app.wsgi": lambda: _gunicorn("examples.django_app.wsgi", 1),
+    "django: python examples/django_app/manage.py runserver": lambda: (
+        lambda port: [sys.executable, "examples/django_app/manage.py", "runserver", f"127.0.0.1:{port}"]
+    ),
+    "django: python -m examples.django_app.manage runserver": lambda: (
+        lambda port: [sys.executable, "-m", "examples.django_app.manage", "runserver", f"127.0.0.1:{port}"]
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(DOCUMENTED_SERVERS))
+def test_documented_command_serves_a_chat(fake: FakeOpenAI, name: str) -> None:
+    pytest.importorskip(name.split(":")[0])
+    command = DOCUMENTED_SERVERS[name]()
+    before = _requests_seen(fake)
+    with _server(command, _user_env(OPENAI_API_KEY="sk-test", OPENAI_BASE_URL=fake.base_url)) as (port, log):
+        status, _, body = _http(port, "POST", "/chat", {"message": "Hello"})
+        context = f"{name}:\n{_tail(log)}"
+    assert status == 200, f"{body}\n{context}"
+    assert body["reply"] == "echo:Hello#0", context
+    assert _requests_seen(fake) == before + 1  # through the fake, once
+
+
+@pytest.mark.parametrize(
+    ("cwd", "args"),
+    [
+        (".", ["examples/django_app/manage.py", "check"]),
+        (".", ["-m", "examples.django_app.manage", "check"]),
+        ("examples/django_app", ["manage.py", "check"]),  # Django's usual way, from manage.py's directory
+    ],
+)
+def test_django_manage_check(cwd: str, args: List[str]) -> None:
+    pytest.importorskip("django")
+    out = subprocess.run(
+        [sys.executable, *args], cwd=ROOT / cwd, env=_user_env(), capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert "System check identified no issues" in out.stdout
+
+
+# -- Flask under gunicorn: four workers, one budget in Redis ----------------------------------------
+
+RPM = 600  # 10 requests per second
+OFFERED_PER_SECOND = 2 * RPM / 60  # twice what the limit lets through
+LOAD_SECONDS = 4.0
+WORKERS = 4
 
 
 def test_gunicorn_workers_share_the_limit_through_redis() -> None:
     pytest.importorskip("flask")
-    pytest.importorskip("gunicorn")
     pytest.importorskip("redis")
-    if sys.platform == "win32":
-        pytest.skip("gunicorn runs on Unix only")
+    command = _gunicorn("examples.flask_app:create_app()", WORKERS)
     if not RedisServer.available():
         pytest.skip("no redis-server or valkey-server on PATH")
     with FakeOpenAI(rpm=RPM, bucket_seconds=1.0, latency=0.05) as server, RedisServer() as redis_server:
-        env = dict(os.environ)
-        env.update(
-            PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
-            NO_PROXY="127.0.0.1,localhost",
+        env = _user_env(
             OPENAI_API_KEY="sk-test",
             OPENAI_BASE_URL=server.base_url,
             REDIS_URL=redis_server.url,
@@ -244,7 +324,7 @@ def test_gunicorn_workers_share_the_limit_through_redis() -> None:
             # so saturation shows as 503s rather than as a queue in gunicorn.
             OPENAI_MAX_WAIT="0.5",
         )
-        with _gunicorn("examples.flask_app:create_app()", env, WORKERS) as (port, log):
+        with _server(command, env) as (port, log):
             total = int(OFFERED_PER_SECOND * LOAD_SECONDS)
             start = time.monotonic()
 
@@ -349,6 +429,13 @@ def test_django_rejects_bad_input(django_http: Any, fake: FakeOpenAI, path: str,
 
 def test_django_chat_needs_post(django_http: Any) -> None:
     assert django_http().get("/chat").status_code == 405
+
+
+def test_django_healthz_calls_nothing_upstream(django_http: Any, fake: FakeOpenAI) -> None:
+    before = _requests_seen(fake)
+    response = django_http().get("/healthz")
+    assert response.status_code == 200 and response.json() == {"ok": True, "pid": os.getpid()}
+    assert _requests_seen(fake) == before
 
 
 @pytest.mark.parametrize(("fault", "status"), [("429", 503), ("quota", 502)])

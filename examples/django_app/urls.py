@@ -5,4 +5,5 @@ from . import views
 urlpatterns = [
     path("chat", views.chat),
     path("embed", views.embed),
+    path("healthz", views.healthz),
 ]

@@ -1,15 +1,17 @@
-"""POST /chat and POST /embed. Errors are raised, and answered by ``throttling.ThrottledOpenAIMiddleware``."""
+"""POST /chat, POST /embed and GET /healthz. Errors are raised, and answered by
+``throttling.ThrottledOpenAIMiddleware``."""
 
 from __future__ import annotations
 
 import json
+import os
 from typing import Any, Dict
 
 from django.conf import settings
 from django.core.exceptions import BadRequest
 from django.http import HttpRequest, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
-from django.views.decorators.http import require_POST
+from django.views.decorators.http import require_GET, require_POST
 
 from .throttling import get_client
 
@@ -45,6 +47,12 @@ def embed(request: HttpRequest) -> JsonResponse:
     result = get_client().embeddings.create(model=settings.THROTTLED_OPENAI["EMBEDDING_MODEL"], input=texts)
     vectors = [item.embedding for item in sorted(result.data, key=lambda item: item.index)]
     return JsonResponse({"vectors": vectors, "usage": result.usage.model_dump()})
+
+
+@require_GET
+def healthz(request: HttpRequest) -> JsonResponse:
+    """Liveness for a load balancer; calls nothing upstream (and builds no client)."""
+    return JsonResponse({"ok": True, "pid": os.getpid()})
 
 
 def _json_body(request: HttpRequest) -> Dict[str, Any]:
