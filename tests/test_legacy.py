@@ -6,11 +6,20 @@ The functions marked "as in the guide" are the shapes of the Cookbook's rate-lim
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import http.client
+import http.server
 import json
+import os
 import random
+import subprocess
+import sys
 import threading
 import time
-from typing import Any, Iterator
+import urllib.parse
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Type
 
 import backoff
 import openai as openai_v1
@@ -22,12 +31,30 @@ from throttled_openai import ThrottledClient
 from throttled_openai.testing import FakeOpenAI
 
 MODEL = "gpt-3.5-turbo-instruct"
+GUIDE = "https://github.com/openai/openai-python/discussions/742"
+# openai 0.28's module settings besides api_key / api_base / organization, and their defaults when no
+# OPENAI_API_KEY_PATH / OPENAI_API_TYPE is set (aiosession, a ContextVar, is checked on its own).
+V0_DEFAULTS: Dict[str, Any] = {
+    "api_key_path": None,
+    "api_type": "open_ai",
+    "api_version": None,
+    "proxy": None,
+    "requestssession": None,
+    "verify_ssl_certs": True,
+    "enable_telemetry": False,
+    "ca_bundle_path": None,
+    "app_info": None,
+    "debug": False,
+    "log": None,
+}
 
 
 @pytest.fixture
 def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeOpenAI]:
     for name in ("OPENAI_API_KEY", "OPENAI_API_BASE", "OPENAI_BASE_URL", "OPENAI_ORGANIZATION"):
         monkeypatch.delenv(name, raising=False)
+    for name, value in V0_DEFAULTS.items():  # v0's other settings start at their defaults, and are restored
+        monkeypatch.setattr(openai, name, value, raising=False)
     with FakeOpenAI(rpm=600, tpm=200_000, bucket_seconds=1.0, latency=0.01, api_keys={"sk-test", "sk-other"}) as fake:
         openai.set_client(None)
         openai.api_key, openai.api_base, openai.organization = "sk-test", fake.base_url, None
@@ -268,3 +295,333 @@ def test_errors_carry_request_id_and_a_409_is_try_again(server: FakeOpenAI) -> N
         httpd.shutdown()
         httpd.server_close()
     assert again.value.http_status == 409 and str(again.value) == "busy"
+
+
+# -- v0's other module settings ------------------------------------------------------------------
+
+
+def _v0_settings_in_a_fresh_process(**env: str) -> Dict[str, Any]:
+    """The module's v0 settings as a script reads them right after ``import``, with ``env`` set."""
+    code = (
+        "import json, throttled_openai.legacy as openai\n"
+        f"names = {sorted(V0_DEFAULTS)!r}\n"
+        "print(json.dumps({**{n: getattr(openai, n) for n in names}, 'aiosession': openai.aiosession.get()}))\n"
+    )
+    clean = {name: value for name, value in os.environ.items() if not name.startswith("OPENAI_")}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+
+def test_v0_settings_read_as_v0_defined_them() -> None:
+    assert _v0_settings_in_a_fresh_process() == {**V0_DEFAULTS, "aiosession": None}
+    from_env = _v0_settings_in_a_fresh_process(OPENAI_API_KEY_PATH="/run/secrets/openai", OPENAI_API_TYPE="azure")
+    assert from_env["api_key_path"] == "/run/secrets/openai"
+    assert from_env["api_type"] == "azure" and from_env["api_version"] == "2023-03-15-preview"  # v0's Azure default
+
+
+def test_api_key_path_is_read_at_every_call_before_api_key(server: FakeOpenAI, tmp_path: Path) -> None:
+    key_file = tmp_path / "openai-key"
+    key_file.write_text("sk-other\n")
+    openai.api_key = "sk-wrong"
+    openai.api_key_path = str(key_file)
+    assert openai.Completion.create(model=MODEL, prompt="a").choices[0].text == " echo:a#0"  # the file's key
+    key_file.write_text("sk-wrong")  # rotated in place: the next call reads the new key
+    with pytest.raises(openai.error.AuthenticationError):
+        openai.Completion.create(model=MODEL, prompt="b")
+    assert openai.Completion.create(model=MODEL, prompt="c", api_key="sk-test").choices[0].text == " echo:c#0"
+    key_file.write_text("  \n")
+    with pytest.raises(openai.error.AuthenticationError) as empty:
+        openai.Completion.create(model=MODEL, prompt="d")
+    assert str(empty.value) == f"openai.api_key_path: {key_file} holds no API key (the file is empty)"
+    openai.api_key_path = str(tmp_path / "missing")
+    with pytest.raises(openai.error.AuthenticationError, match=r"cannot read an API key from .*missing"):
+        openai.Completion.create(model=MODEL, prompt="e")
+    assert openai.Completion.create(model=MODEL, prompt="e", api_key="sk-test").choices[0].text == " echo:e#0"
+    openai.api_key_path = None  # back to api_key
+    with pytest.raises(openai.error.AuthenticationError):
+        openai.Completion.create(model=MODEL, prompt="f")
+    assert server.stats()["admitted"] == 3
+
+
+def test_api_version_is_sent_as_v0_sent_it(server: FakeOpenAI) -> None:
+    openai.Completion.create(model=MODEL, prompt="a")
+    assert "openai-version" not in server.requests_log[-1]["headers"]
+    openai.api_version = "2020-11-07"
+    openai.Completion.create(model=MODEL, prompt="a")
+    assert server.requests_log[-1]["headers"]["openai-version"] == "2020-11-07"
+    openai.ChatCompletion.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}], api_version="v2")
+    assert server.requests_log[-1]["headers"]["openai-version"] == "v2"
+    assert "api_version" not in server.requests_log[-1]["body"]
+    openai.Completion.create(model=MODEL, prompt="a", headers={"OpenAI-Version": "mine"})  # the call's headers win
+    assert server.requests_log[-1]["headers"]["openai-version"] == "mine"
+
+
+def test_api_type_open_ai_only_azure_names_the_v1_way(server: FakeOpenAI) -> None:
+    for kind in ("open_ai", "openai", "OpenAI"):
+        openai.api_type = kind
+        assert openai.Completion.create(model=MODEL, prompt=kind).choices[0].text == f" echo:{kind}#0"
+    sent = server.stats()["requests"]
+    azure = (
+        "use client.completions.create(model=<deployment>, ...) from openai>=1, with client = "
+        f"throttled_openai.ThrottledAzureClient(azure_endpoint=..., api_version=..., rpm=..., tpm=...) (see {GUIDE})"
+    )
+    for kind in ("azure", "azure_ad", "azuread"):
+        openai.api_type = kind
+        with pytest.raises(openai.NotSupportedError) as caught:
+            openai.Completion.create(model=MODEL, prompt="x")
+        assert str(caught.value) == f"throttled_openai.legacy does not support api_type={kind!r}; {azure}"
+    openai.api_type = "open_ai"
+    with pytest.raises(openai.NotSupportedError, match=r"does not support api_type='azure'; "):
+        openai.ChatCompletion.create(model="gpt-4o-mini", messages=[], api_type="azure")  # per call
+    with pytest.raises(openai.NotSupportedError) as deployment:
+        openai.Completion.create(deployment_id="my-gpt", prompt="x")
+    assert str(deployment.value) == f"throttled_openai.legacy does not support deployment_id (Azure); {azure}"
+    assert not isinstance(deployment.value, openai.error.OpenAIError)  # v0 code catching those does not hide it
+    openai.api_type = "bogus"
+    with pytest.raises(openai.error.InvalidAPIType) as bad:
+        openai.Completion.create(model=MODEL, prompt="x")
+    assert str(bad.value) == "api_type 'bogus' is invalid: use 'open_ai' (Azure: ThrottledAzureClient)"
+    assert isinstance(bad.value, openai.error.OpenAIError)
+    assert server.stats()["requests"] == sent  # nothing was sent
+
+
+class _ForwardProxy(http.server.BaseHTTPRequestHandler):
+    """A forward HTTP proxy: relays absolute-form requests (``POST http://host:port/path``) and records them."""
+
+    protocol_version = "HTTP/1.1"
+
+    def _relay(self) -> None:
+        target = urllib.parse.urlsplit(self.path)
+        length = int(self.headers.get("content-length") or 0)
+        body = self.rfile.read(length) if length else None
+        hop = ("connection", "proxy-connection", "keep-alive", "host", "content-length", "transfer-encoding")
+        headers = {name: value for name, value in self.headers.items() if name.lower() not in hop}
+        self.server.seen.append(f"{self.command} {self.path}")  # type: ignore[attr-defined]
+        upstream = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
+        try:
+            upstream.request(self.command, target.path + (f"?{target.query}" if target.query else ""), body, headers)
+            reply = upstream.getresponse()
+            data = reply.read()
+        finally:
+            upstream.close()
+        self.send_response(reply.status)
+        for name, value in reply.getheaders():
+            if name.lower() not in hop:
+                self.send_header(name, value)
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_GET = do_POST = do_DELETE = _relay
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+class _Models(http.server.BaseHTTPRequestHandler):
+    """``GET`` and ``DELETE /v1/models/{id}`` as OpenAI answers them (the fake server lists models only)."""
+
+    def _answer(self, extra: Dict[str, Any]) -> None:
+        model = urllib.parse.unquote(self.path.split("?")[0].rsplit("/", 1)[1])
+        self.server.seen.append((self.command, self.path, self.headers.get("authorization")))  # type: ignore[attr-defined]
+        data = json.dumps({"id": model, "object": "model", **extra}).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:
+        self._answer({"created": 1692901427, "owned_by": "my-org"})
+
+    def do_DELETE(self) -> None:
+        self._answer({"deleted": True})
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _http_server(handler: Type[http.server.BaseHTTPRequestHandler]) -> Iterator[Any]:
+    """A real HTTP server on 127.0.0.1 with ``handler``; ``.seen`` collects what the handler records."""
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd.seen = []  # type: ignore[attr-defined]
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield httpd
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_proxy_carries_every_request(server: FakeOpenAI) -> None:
+    with _http_server(_ForwardProxy) as proxy_server:
+        url = f"http://127.0.0.1:{proxy_server.server_address[1]}"
+        seen: List[str] = proxy_server.seen
+        openai.Completion.create(model=MODEL, prompt="direct")
+        assert seen == []
+        openai.proxy = url
+        assert openai.Completion.create(model=MODEL, prompt="a").choices[0].text == " echo:a#0"
+        assert seen == [f"POST {server.base_url}/completions"]
+        openai.proxy = {"http": url}  # v0's dict form; the fake server is http://
+        assert "gpt-4o-mini" in [model.id for model in openai.Model.list().data]
+        assert seen[-1] == f"GET {server.base_url}/models"
+        openai.proxy = {"https": url}  # https only: this http:// request goes direct
+        openai.Completion.create(model=MODEL, prompt="b")
+        openai.proxy = None
+        openai.Completion.create(model=MODEL, prompt="c")
+        assert len(seen) == 2
+    sent = server.stats()["requests"]
+    assert sent == 5  # four completions and the list of models, each once
+    message = (
+        "'openai.proxy' must be specified as either a string URL or a dict with string URL under the https "
+        "and/or http keys."
+    )
+    for wrong in (8080, ["http://proxy"], {"socks": "socks5://proxy"}, {"https": 8080}):
+        openai.proxy = wrong
+        with pytest.raises(ValueError) as caught:
+            openai.Completion.create(model=MODEL, prompt="x")
+        assert str(caught.value) == message  # v0's own message
+    openai.proxy = "proxy.example:3128"
+    with pytest.raises(ValueError, match=r"^openai\.proxy: .*\(give a URL: http://host:port\)$"):
+        openai.Completion.create(model=MODEL, prompt="x")
+    openai.proxy = "http://127.0.0.1:9"
+    openai.set_client(ThrottledClient(api_key="sk-test", base_url=server.base_url))
+    with pytest.raises(openai.NotSupportedError) as given:
+        openai.Completion.create(model=MODEL, prompt="x")
+    assert str(given.value) == (
+        "throttled_openai.legacy does not support openai.proxy with a client given to set_client(); use that "
+        "client's own http_client: ThrottledClient(http_client=openai.DefaultHttpxClient(proxy=...)) "
+        f"(see {GUIDE})"
+    )
+    assert server.stats()["requests"] == sent  # none of the refused calls was sent
+
+
+def test_settings_without_effect_are_accepted_and_requestssession_is_refused(server: FakeOpenAI) -> None:
+    openai.verify_ssl_certs, openai.enable_telemetry, openai.ca_bundle_path = False, True, "/etc/ssl/ca.pem"
+    openai.app_info, openai.debug, openai.log = {"name": "my-app", "version": "1.0", "url": None}, True, "debug"
+    assert openai.Completion.create(model=MODEL, prompt="a").choices[0].text == " echo:a#0"
+    assert openai.aiosession.get() is None
+    token = openai.aiosession.set("a session")  # v0 code sets it at start-up: that works
+    assert openai.aiosession.get() == "a session"
+    openai.aiosession.reset(token)
+    openai.requestssession = object()
+    with pytest.raises(openai.NotSupportedError) as caught:
+        openai.Completion.create(model=MODEL, prompt="b")
+    assert str(caught.value) == (
+        "throttled_openai.legacy does not support openai.requestssession (a requests session); use "
+        "set_client(ThrottledClient(http_client=httpx.Client(...))) with the same settings "
+        f"(see {GUIDE})"
+    )
+    assert server.stats()["requests"] == 1
+
+
+# -- Model -----------------------------------------------------------------------------------------
+
+
+def test_model_list_returns_v0_model_objects(server: FakeOpenAI) -> None:
+    models = openai.Model.list()
+    assert type(models) is openai.OpenAIObject and models.object == "list"
+    assert "gpt-4o-mini" in [model.id for model in models.data]
+    assert all(type(model) is openai.Model for model in models.data)
+    first = models.data[0]
+    assert first.owned_by == first["owned_by"] and repr(first).startswith(f"<Model model id={first.id} at ")
+    assert json.loads(json.dumps(models)) == models.to_dict()
+    assert (server.requests_log[-1]["method"], server.requests_log[-1]["path"]) == ("GET", "/v1/models")
+    client = openai.get_client()
+    assert client is not None and client.stats().calls == 1  # through the shared, throttled client
+
+
+def test_model_retrieve_and_delete(server: FakeOpenAI) -> None:
+    name = "ft:gpt-3.5-turbo-0613:my-org:custom:7p4lURel"
+    with _http_server(_Models) as models_server:
+        base = f"http://127.0.0.1:{models_server.server_address[1]}/v1"
+        model = openai.Model.retrieve(name, api_base=base)
+        assert type(model) is openai.Model and model.id == name and model.owned_by == "my-org"
+        deleted = openai.Model.delete(name, api_base=base, request_timeout=10)
+        assert deleted.deleted is True and deleted.id == name
+        assert models_server.seen == [
+            ("GET", f"/v1/models/{name}", "Bearer sk-test"),
+            ("DELETE", f"/v1/models/{name}", "Bearer sk-test"),
+        ]
+    for wrong in ("", "..", None):
+        with pytest.raises(openai.error.InvalidRequestError, match="invalid model ID"):
+            openai.Model.retrieve(wrong)
+    assert server.stats()["requests"] == 0
+
+
+# -- what is not supported -----------------------------------------------------------------------
+
+# v0 calls this module does not offer, and the openai>=1 call each message must name.
+NOT_SUPPORTED = {
+    "Image.create": "client.images.generate(...)",
+    "Image.create_edit": "client.images.edit(...)",
+    "Image.create_variation": "client.images.create_variation(...)",
+    "Audio.transcribe": "client.audio.transcriptions.create(...)",
+    "Audio.translate": "client.audio.translations.create(...)",
+    "File.create": "client.files.create(...)",
+    "File.list": "client.files.list()",
+    "File.retrieve": "client.files.retrieve(...)",
+    "File.delete": "client.files.delete(...)",
+    "File.download": "client.files.content(...)",
+    "FineTuningJob.create": "client.fine_tuning.jobs.create(...)",
+    "FineTuningJob.list_events": "client.fine_tuning.jobs.list_events(...)",
+    "FineTune.create": "client.fine_tuning.jobs.create(...)",
+    "FineTune.list": "client.fine_tuning.jobs.list()",
+    "Edit.create": "client.chat.completions.create(...)",
+    "Engine.list": "client.models.list()",
+    "Engine.retrieve": "client.models.retrieve(...)",
+    "Deployment.list": "throttled_openai.ThrottledAzureClient",
+}
+
+
+def test_unsupported_calls_raise_naming_the_v1_way(server: FakeOpenAI) -> None:
+    with pytest.raises(openai.NotSupportedError) as image:
+        openai.Image.create(prompt="a white siamese cat", n=1, size="1024x1024")
+    assert str(image.value) == (
+        "throttled_openai.legacy does not support Image.create; use client.images.generate(...) from openai>=1, "
+        f"with client = throttled_openai.ThrottledClient() to keep it throttled (see {GUIDE})"
+    )
+    assert isinstance(image.value, NotImplementedError) and not isinstance(image.value, openai.error.OpenAIError)
+    for call, v1 in NOT_SUPPORTED.items():
+        resource, method = call.split(".")
+        for name in (method, "a" + method):  # and v0's async twin
+            with pytest.raises(openai.NotSupportedError) as caught:
+                getattr(getattr(openai, resource), name)("x", model="m")
+            message = str(caught.value)
+            assert message.startswith(f"throttled_openai.legacy does not support {resource}.{name}; use "), message
+            assert v1 in message and message.endswith(f"(see {GUIDE})"), message
+    for name in openai.__all__:  # `from throttled_openai.legacy import *` works
+        assert getattr(openai, name) is not None
+    assert server.stats()["requests"] == 0
+
+
+def test_acreate_is_not_supported_and_its_hint_works(server: FakeOpenAI) -> None:
+    for resource, v1 in (
+        (openai.Completion, "completions.create"),
+        (openai.ChatCompletion, "chat.completions.create"),
+        (openai.Embedding, "embeddings.create"),
+        (openai.Moderation, "moderations.create"),
+    ):
+        name = resource.__name__
+        with pytest.raises(openai.NotSupportedError) as caught:
+            resource.acreate(model=MODEL, prompt="x")
+        assert str(caught.value) == (
+            f"throttled_openai.legacy does not support {name}.acreate (async calls); use await "
+            f"asyncio.to_thread({name}.create, ...), which waits its turn in the same limiter, or await "
+            f"client.{v1}(...) from openai>=1, with client = openai.AsyncOpenAI() (not throttled) (see {GUIDE})"
+        )
+    for method in ("alist", "aretrieve", "adelete"):
+        with pytest.raises(openai.NotSupportedError, match=rf"does not support Model\.{method} \(async calls\)"):
+            getattr(openai.Model, method)("gpt-4o-mini")
+    assert server.stats()["requests"] == 0
+
+    async def main() -> List[Any]:  # the way the message gives
+        calls = (asyncio.to_thread(openai.Completion.create, model=MODEL, prompt=f"p{i}") for i in range(4))
+        return await asyncio.gather(*calls)
+
+    results = asyncio.run(main())
+    assert [result.choices[0].text for result in results] == [f" echo:p{i}#0" for i in range(4)]
