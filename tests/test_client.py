@@ -389,3 +389,15 @@ def test_ctrl_c_while_waiting_gives_the_reservation_back(one_per_second: FakeOpe
 
 def _raise_interrupt(seconds: float) -> None:
     raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("cls", [ThrottledClient, ThrottledAzureClient])
+def test_help_reads_as_plain_text(cls: type) -> None:
+    """help(ThrottledClient) shows our docstrings as written: no reST roles or literals, no private
+    parameters, no sentinel's address."""
+    import pydoc
+
+    text = pydoc.render_doc(cls, renderer=pydoc.plaintext)
+    for marker in ("``", ":class:", ":meth:", ":data:", ":attr:", "_stats", "_counter", "<object object"):
+        assert marker not in text, f"help({cls.__name__}) shows {marker!r}"
+    assert "run_timeout" in text and "max_wait" in text

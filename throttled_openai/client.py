@@ -1,16 +1,16 @@
-"""``ThrottledClient``: an ``openai.OpenAI`` whose every request waits its turn under RPM and TPM limits.
+"""ThrottledClient: an openai.OpenAI whose every request waits its turn under RPM and TPM limits.
 
 How it hooks into the SDK, and why:
 
-- ``request()`` is the one method every resource call (``chat.completions.create``, ``embeddings``,
-  ``responses``, pagination, ...) goes through, with the request body still a dict. Overriding it lets
+- request() is the one method every resource call (chat.completions.create, embeddings,
+  responses, pagination, ...) goes through, with the request body still a dict. Overriding it lets
   one straight function estimate the cost, wait for capacity, call the SDK, settle the usage and
   retry, with the SDK's own retries turned off so the two never multiply.
-- The response headers (``x-ratelimit-*``) are read by an httpx response *event hook*, a public
-  extension point of httpx and httpx2 that also works on an ``http_client`` the user brings.
-- ``copy()``/``with_options()`` hand the limiter, counters and policy to the new client through the
-  SDK's ``_extra_kwargs``, so copies share one budget.
-``tests/test_sdk_contract.py`` fails loudly if a release of the SDK changes any of these.
+- The response headers (x-ratelimit-*) are read by an httpx response *event hook*, a public
+  extension point of httpx and httpx2 that also works on an http_client the user brings.
+- copy()/with_options() hand the limiter, counters and policy to the new client through the
+  SDK's _extra_kwargs, so copies share one budget.
+tests/test_sdk_contract.py fails loudly if a release of the SDK changes any of these.
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ from .mapping import BulkTarget, ProgressArg
 from .retry import Retry
 from .stats import Stats, StatsSnapshot
 from .tokens import TokenCounter, assumed_output_cap, endpoint_of, estimate_cost, usage_tokens
+
+NOT_GIVEN: Any = openai.NOT_GIVEN  # "left out", as in the SDK's own copy(): None means "no limit" here
 
 __all__ = ["ThrottledAzureClient", "ThrottledClient"]
 
@@ -79,8 +81,8 @@ _current = current  # the name cli.py imports
 
 def _on_response(response: Any) -> None:
     """httpx response hook: feed this thread's attempt the rate-limit headers, before the body is read.
-    A successful stream (``stream=True`` or ``with_streaming_response``) is settled when it ends,
-    against the ``usage`` its body carries."""
+    A successful stream (stream=True or with_streaming_response) is settled when it ends,
+    against the usage its body carries."""
     attempt: Optional[_Attempt] = current.attempt
     if attempt is None:
         return
@@ -97,7 +99,7 @@ _SCANNERS: Dict[type, type] = {}
 
 
 def _scanner_for(response: Any) -> Any:
-    """:class:`_UsageScanner` as a subclass of the ``SyncByteStream`` of the response's HTTP library
+    """_UsageScanner as a subclass of the SyncByteStream of the response's HTTP library
     (httpx or httpx2): httpx refuses to iterate a stream that is not one."""
     library = sys.modules[type(response).__module__.split(".")[0]]
     base: type = library.SyncByteStream
@@ -107,24 +109,24 @@ def _scanner_for(response: Any) -> Any:
     return scanner
 
 
-#: Server-sent events that end a stream: chat and completions end with ``data: [DONE]``, the
-#: Responses API with one of these event types (``error``: the server reports a failure mid-stream).
+#: Server-sent events that end a stream: chat and completions end with data: [DONE], the
+#: Responses API with one of these event types (error: the server reports a failure mid-stream).
 _FINAL_EVENTS = frozenset([b"response.completed", b"response.failed", b"response.incomplete", b"error"])
 _USAGE = re.compile(rb'"usage"\s*:\s*(?=\{)')
 
 
 class _UsageScanner:
-    """Wraps a streamed response body (httpx's ``Response.stream``) and, when it ends or is closed,
-    reports the token ``usage`` it carried (``None`` when there is none, e.g. a chat stream without
-    ``stream_options={"include_usage": True}``: then the estimate stays charged).
+    """Wraps a streamed response body (httpx's Response.stream) and, when it ends or is closed,
+    reports the token usage it carried (None when there is none, e.g. a chat stream without
+    stream_options={"include_usage": True}: then the estimate stays charged).
 
-    Server-sent events are read line by line: ``usage`` comes in the last chat chunk, or inside the
-    ``response`` of the Responses API's ``response.completed``. Another body (``with_streaming_response``
-    of a JSON answer) has its ``usage`` object near the end. A ``checked`` stream that ends without its
-    final event raises :class:`IncompleteStream` where the caller reads it, instead of passing for whole.
+    Server-sent events are read line by line: usage comes in the last chat chunk, or inside the
+    response of the Responses API's response.completed. Another body (with_streaming_response
+    of a JSON answer) has its usage object near the end. A checked stream that ends without its
+    final event raises IncompleteStream where the caller reads it, instead of passing for whole.
     """
 
-    _TAIL = 65_536  # bytes of a JSON body kept from its end, where ``usage`` is
+    _TAIL = 65_536  # bytes of a JSON body kept from its end, where usage is
 
     def __init__(self, inner: Any, attempt: _Attempt, sse: bool, checked: bool) -> None:
         self._inner = inner
@@ -200,7 +202,7 @@ class _UsageScanner:
 
 
 def _usage_in_tail(tail: bytes) -> Optional[int]:
-    """The tokens of the last ``"usage": {...}`` object in the end of a JSON body, if it is there whole."""
+    """The tokens of the last "usage": {...} object in the end of a JSON body, if it is there whole."""
     found = None
     for found in _USAGE.finditer(tail):  # noqa: B007  # the last one
         pass
@@ -251,7 +253,7 @@ def _make_retry(retry: Union[Retry, int, None], max_retries: Any) -> Retry:
 
 
 class _ThrottledMixin:
-    """The throttling shared by :class:`ThrottledClient` and :class:`ThrottledAzureClient`."""
+    """The throttling shared by ThrottledClient and ThrottledAzureClient."""
 
     _limiter: RateLimiter
     _retry: Retry
@@ -269,10 +271,11 @@ class _ThrottledMixin:
         limiter: Optional[RateLimiter] = None,
         retry: Union[Retry, int, None] = None,
         max_wait: Optional[float] = None,
-        _stats: Optional[Stats] = None,
-        _counter: Optional[TokenCounter] = None,
         **kwargs: Any,
     ) -> None:
+        # What copy() hands its copy to share (through the SDK's _extra_kwargs): not user arguments.
+        shared_stats: Optional[Stats] = kwargs.pop("_stats", None)
+        shared_counter: Optional[TokenCounter] = kwargs.pop("_counter", None)
         if limiter is not None:
             if not isinstance(limiter, RateLimiter):
                 raise TypeError(f"limiter must be a throttled_openai.RateLimiter, got {type(limiter).__name__}")
@@ -283,8 +286,8 @@ class _ThrottledMixin:
         self._limiter = limiter
         self._retry = _make_retry(retry, kwargs.pop("max_retries", _UNSET))
         self._max_wait = _check_max_wait(max_wait)
-        self._stats = _stats or Stats()
-        self._counter = _counter or TokenCounter()
+        self._stats = shared_stats or Stats()
+        self._counter = shared_counter or TokenCounter()
         http_client = kwargs.get("http_client")
         if http_client is None:
             # Ours, so closed when this client (and every copy sharing it) is garbage collected, as the
@@ -315,7 +318,7 @@ class _ThrottledMixin:
 
     @property
     def max_retries(self) -> int:
-        """The retry policy's ``max_retries``: retries after the first attempt (the SDK's own are off)."""
+        """The retry policy's max_retries: retries after the first attempt (the SDK's own are off)."""
         return self._retry.max_retries
 
     @max_retries.setter
@@ -332,15 +335,16 @@ class _ThrottledMixin:
 
     def stats(self) -> StatsSnapshot:
         """Counters of this client and every copy made from it, with the limiter's view of each model's
-        limits (``limits``: see :meth:`RateLimiter.snapshot`: windows, sources, budgets, cost factor)."""
+        limits (limits: see RateLimiter.snapshot(): windows, sources, budgets, cost factor)."""
         return dataclasses.replace(self._stats.snapshot(), limits=self._limiter.snapshot())
 
     def copy(
-        self: _T, *, retry: Union[Retry, int, None] = None, max_wait: Optional[float] = _UNSET, **kwargs: Any
+        self: _T, *, retry: Union[Retry, int, None] = None, max_wait: Optional[float] = NOT_GIVEN, **kwargs: Any
     ) -> _T:
-        """The SDK's ``copy``, plus ``retry`` and ``max_wait``; the copy shares limiter and counters.
+        """The SDK's copy(), plus retry and max_wait (left out: this client's); the copy shares this
+        client's limiter and counters.
 
-        ``max_retries`` given here changes the retry policy's ``max_retries``, not the SDK's.
+        max_retries given here sets the retry policy's max_retries (the SDK's own retries stay off).
         """
         max_retries = kwargs.pop("max_retries", _UNSET)
         if retry is None:
@@ -350,7 +354,7 @@ class _ThrottledMixin:
         extra.update(
             limiter=self._limiter,
             retry=retry,
-            max_wait=self._max_wait if max_wait is _UNSET else max_wait,
+            max_wait=self._max_wait if isinstance(max_wait, openai.NotGiven) else max_wait,
             _stats=self._stats,
             _counter=self._counter,
         )
@@ -375,21 +379,28 @@ class _ThrottledMixin:
         run_timeout: Optional[float] = None,
         **kwargs: Any,
     ) -> List[Any]:
-        """Complete every prompt with the legacy completions API; ``result[i]`` answers ``prompts[i]``.
+        """Complete every prompt with the legacy completions API; result[i] answers prompts[i].
 
-        Up to ``batch_size`` prompts share one request (``prompt`` as a list; 20 is the documented
+        Up to batch_size prompts share one request (prompt as a list; 20 is the documented
         maximum), within the token budget the limiter can pass at once. Each result is the SDK's
-        choice (a list of ``n`` choices when ``n > 1``), its ``index`` rewritten to ``i * n + j``.
-        ``kwargs`` go to every ``completions.create`` (``max_tokens``, ``temperature``, ...).
+        choice (a list of n choices when n > 1), its index rewritten to i * n + j.
 
-        Every prompt is checked before anything is sent (``TypeError`` names the first bad one).
-        ``max_workers``: requests in flight at once; ``None`` derives it from the limit and the
-        latency. ``return_exceptions``: put a failed prompt's exception in its slot, like
-        ``asyncio.gather``; otherwise the first failure stops the run with :class:`BulkError`, which
-        carries the results and errors so far. A batch refused with a 400 is split until the prompt
-        at fault fails alone. ``progress``: ``True`` for a tqdm bar, or a callable given a
-        :class:`Progress`. ``timeout`` (seconds) bounds the whole run (:class:`BulkTimeout`). Ctrl-C
-        stops within a couple of seconds with :class:`BulkInterrupted`, carrying the results so far.
+        Other keyword arguments go to every completions.create() call (max_tokens, temperature,
+        timeout for one request, ...). Every prompt and argument is checked before anything is sent:
+        TypeError names the first bad prompt, an argument completions.create() does not take, or
+        prompt= (the prompts are the first argument).
+
+        max_workers: requests in flight at once; None derives it from the limit and the latency.
+        return_exceptions: put a failed prompt's exception in its slot, like asyncio.gather;
+        otherwise the first failure stops the run with BulkError, which carries the results and
+        errors so far. A batch refused with a 400 is split until the prompt at fault fails alone.
+        progress: True for a tqdm bar, or a callable given a Progress after each request.
+        run_timeout: seconds the whole run may take, then BulkTimeout; None: no limit.
+
+        Each request waits its turn: the client's max_wait (meant for callers that would rather
+        fail fast, like a web view) does not apply to bulk work; run_timeout bounds it instead.
+        Ctrl-C stops within a couple of seconds with the KeyboardInterrupt itself, its results
+        and errors attributes holding what was obtained so far.
         """
         target = self._bulk_target("completions", model, "map_completions")
         return mapping.bulk_map(
@@ -409,9 +420,13 @@ class _ThrottledMixin:
         run_timeout: Optional[float] = None,
         **kwargs: Any,
     ) -> Iterator[Tuple[int, Any]]:
-        """Like :meth:`map_completions` over any iterable (a generator over a huge file included),
-        yielding ``(i, result)``: in input order, or as results finish with ``ordered=False``. Only a
-        bounded window of the input is read ahead, so memory stays flat however long the input."""
+        """Like map_completions() over any iterable (a generator over a huge file included),
+        yielding (i, result): in input order, or as results finish with ordered=False. Only a
+        bounded window of the input is read ahead, so memory stays flat however long the input.
+
+        A failure (without return_exceptions), run_timeout or Ctrl-C drains the requests on their
+        way; the BulkError, BulkTimeout or KeyboardInterrupt carries, in results, every result
+        obtained and not yet yielded (aligned with the input; yielded ones are not kept)."""
         target = self._bulk_target("completions", model, "imap_completions")
         return mapping.bulk_imap(
             "completions", target, prompts, batch_size, max_workers, ordered, return_exceptions,
@@ -430,8 +445,9 @@ class _ThrottledMixin:
         **kwargs: Any,
     ) -> List[Any]:
         """One chat completion per conversation (a list of message dicts), run in parallel (the API
-        cannot batch conversations); ``result[i]`` is the SDK's ``ChatCompletion`` for
-        ``conversations[i]``. Other arguments as in :meth:`map_completions`."""
+        cannot batch conversations); result[i] is the SDK's ChatCompletion for conversations[i].
+        Other keyword arguments go to chat.completions.create() (messages= is refused: the
+        conversations are the first argument); the rest as in map_completions()."""
         target = self._bulk_target("chat", model, "map_chat_completions")
         return mapping.bulk_map(
             "chat", target, conversations, 1, max_workers, return_exceptions, progress, run_timeout, kwargs
@@ -449,7 +465,7 @@ class _ThrottledMixin:
         run_timeout: Optional[float] = None,
         **kwargs: Any,
     ) -> Iterator[Tuple[int, Any]]:
-        """Lazy :meth:`map_chat_completions`, yielding ``(i, ChatCompletion)``; see :meth:`imap_completions`."""
+        """Lazy map_chat_completions(), yielding (i, ChatCompletion); see imap_completions()."""
         target = self._bulk_target("chat", model, "imap_chat_completions")
         return mapping.bulk_imap(
             "chat", target, conversations, 1, max_workers, ordered, return_exceptions, progress, run_timeout, kwargs
@@ -467,9 +483,9 @@ class _ThrottledMixin:
         run_timeout: Optional[float] = None,
         **kwargs: Any,
     ) -> List[Any]:
-        """Embed every input; ``result[i]`` is the vector for ``inputs[i]``. Up to ``batch_size``
-        inputs (2,048 at most) and 300,000 tokens share a request. Other arguments as in
-        :meth:`map_completions`."""
+        """Embed every input; result[i] is the vector for inputs[i]. Up to batch_size inputs (2,048
+        at most) and 300,000 tokens share a request. Other keyword arguments go to
+        embeddings.create() (input= is refused); the rest as in map_completions()."""
         target = self._bulk_target("embeddings", model, "map_embeddings")
         return mapping.bulk_map(
             "embeddings", target, inputs, batch_size, max_workers, return_exceptions, progress, run_timeout, kwargs
@@ -488,7 +504,7 @@ class _ThrottledMixin:
         run_timeout: Optional[float] = None,
         **kwargs: Any,
     ) -> Iterator[Tuple[int, Any]]:
-        """Lazy :meth:`map_embeddings`, yielding ``(i, vector)``; see :meth:`imap_completions`."""
+        """Lazy map_embeddings(), yielding (i, vector); see imap_completions()."""
         target = self._bulk_target("embeddings", model, "imap_embeddings")
         return mapping.bulk_imap(
             "embeddings", target, inputs, batch_size, max_workers, ordered, return_exceptions,
@@ -496,7 +512,7 @@ class _ThrottledMixin:
         )  # fmt: skip
 
     def _bulk_target(self, endpoint: str, model: str, method: str) -> BulkTarget:
-        """The part of this client the bulk engine uses, for ``model`` on ``endpoint``."""
+        """The part of this client the bulk engine uses, for model on endpoint."""
         if not isinstance(model, str) or not model:
             raise TypeError(f"{method}() needs model= as a non-empty str, got {model!r}")
         resource = {"completions": "completions", "chat": "chat.completions", "embeddings": "embeddings"}[endpoint]
@@ -516,7 +532,7 @@ class _ThrottledMixin:
     # -- one call --------------------------------------------------------------------------------
 
     def _limit_model(self, body: Mapping[str, Any]) -> str:
-        """The model (or Azure deployment) whose limit a request counts against; ``*`` if none."""
+        """The model (or Azure deployment) whose limit a request counts against; * if none."""
         model = body.get("model")
         return model if isinstance(model, str) and model else "*"
 
@@ -645,16 +661,16 @@ def _what_is_wrong(response: Any) -> str:
 
 
 def _streams_raw(options: Any) -> bool:
-    """Whether the SDK will hand the body over unread (``with_streaming_response``): it marks such a
+    """Whether the SDK will hand the body over unread (with_streaming_response): it marks such a
     request with this header."""
     headers = options.headers if isinstance(options.headers, Mapping) else {}
     return any(k.lower() == "x-stainless-raw-response" and v == "stream" for k, v in headers.items())
 
 
 def _examine(result: Any, cast_to: Any, response: Any) -> Optional[int]:
-    """Tokens used according to a call's result (a parsed model, a dict with ``cast_to=object``, or a
+    """Tokens used according to a call's result (a parsed model, a dict with cast_to=object, or a
     raw response already read), after checking it is what the endpoint returns: a 2xx whose body is an
-    HTML page or an ``error`` object raises :class:`MalformedResponse`, to be retried."""
+    HTML page or an error object raises MalformedResponse, to be retried."""
     http_response = getattr(result, "http_response", None)  # with_raw_response: the body is read
     if http_response is not None and not isinstance(result, openai.BaseModel):
         try:
@@ -693,29 +709,34 @@ def _remaining(max_wait: Optional[float], waited: float, deadline: Optional[floa
 
 
 class ThrottledClient(_ThrottledMixin, openai.OpenAI):
-    """``openai.OpenAI`` with every request held under requests- and tokens-per-minute limits.
+    """openai.OpenAI with every request held under requests- and tokens-per-minute limits.
 
-    Accepts every ``openai.OpenAI`` argument, plus:
+    Accepts every openai.OpenAI argument, plus:
 
-    - ``rpm``, ``tpm``: per-minute limits for every model; ``limits``: per-model overrides, e.g.
-      ``{"gpt-4o": Limits(rpm=500, tpm=30_000)}``. Left out, they are learned from the server's headers.
-    - ``limiter``: a :class:`RateLimiter` to share with other clients, or a :class:`RedisRateLimiter`
-      to share with other processes (instead of the above).
-    - ``retry``: a :class:`Retry` policy (or an int: its ``max_retries``); replaces the SDK's retries.
-      ``max_retries`` is accepted too, as the policy's ``max_retries``.
-    - ``max_wait``: seconds one call may spend waiting for capacity and backoff. Past it a call raises
-      :class:`RateLimitTimeout` when the rate limit is what it waits for (in the limiter, or after a
-      429), else the error it was backing off from; ``None`` (default) waits as long as needed.
+    - rpm, tpm: per-minute limits for every model. limits: per-model overrides, e.g.
+      {"gpt-4o": Limits(rpm=500)}; what an override leaves out keeps rpm/tpm. Limits left out
+      altogether are learned from the server's headers.
+    - limiter: a RateLimiter to share with other clients, or a RedisRateLimiter to share with other
+      processes (instead of the above).
+    - retry: a Retry policy (or an int: its max_retries); replaces the SDK's retries. max_retries
+      is accepted too, as the policy's max_retries, and client.max_retries reports it.
+    - max_wait: seconds one plain call may spend waiting for capacity and backoff. Past it the call
+      raises RateLimitTimeout when the rate limit is what it waits for (in the limiter, or after a
+      429), else the error it was backing off from (a 500, a timeout). None (default) waits as long
+      as needed. The bulk helpers (map_*, imap_*) wait their turn whatever max_wait says; their
+      run_timeout bounds a whole run.
 
-    Thread-safe: share one client between threads. ``copy()``/``with_options()`` share its limiter.
+    Thread-safe: share one client between threads. copy()/with_options() share its limiter and
+    counters. Like openai.OpenAI, it closes the HTTP client it made on close(), at the end of a
+    with block, or when garbage collected; an http_client you pass stays yours.
     """
 
 
 class ThrottledAzureClient(_ThrottledMixin, openai.AzureOpenAI):
-    """``openai.AzureOpenAI`` with the same throttling; limits are keyed per deployment.
+    """openai.AzureOpenAI with the same throttling; limits are keyed per deployment.
 
-    Azure's ``retry-after-ms``/``x-ms-retry-after-ms`` headers are honoured, and its partial or odd
-    ``x-ratelimit-*`` headers are tolerated. Give ``rpm``/``tpm`` (your deployment's quota): Azure does
+    Azure's retry-after-ms/x-ms-retry-after-ms headers are honoured, and its partial or odd
+    x-ratelimit-* headers are tolerated. Give rpm/tpm (your deployment's quota): Azure does
     not always send the limits themselves.
     """
 
