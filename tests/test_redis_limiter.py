@@ -754,3 +754,47 @@ def test_a_broken_connection_is_retried_or_skipped_but_never_fails_the_limiter(u
     limiter._scripts["acquire"] = BreakOnce(limiter._scripts["acquire"], redis.TimeoutError)
     with pytest.raises(LimiterUnavailable):
         limiter.acquire(KEY, 0)  # a timeout is not retried: Redis may be hanging
+
+
+def test_repr_shows_each_models_state_as_this_process_sees_it_and_never_a_secret(server: RedisServer, url: str) -> None:
+    # README: repr(client.limiter) shows each model's limits, levels, waiting callers and any pause. The
+    # Redis limiter's showed none of it. It shows what this process knows, without asking Redis.
+    password = "hunter2-REPR-pass"
+    limiter = make(
+        url.replace("redis://", f"redis://default:{password}@"),
+        limits={"gpt-small": Limits(rpm=6, tpm=6_000)},
+        on_error="local",
+        retry_interval=60,
+    )
+    with FakeOpenAI(rpm=1200, tpm=200_000) as fake:
+        client = ThrottledClient(api_key=SECRET, base_url=fake.base_url, limiter=limiter)
+        chat(client)  # gpt-4o-mini: its limits learned from the headers
+    small = ("acct0123456789ab", "gpt-small")
+    limiter.acquire(small, 10)  # the burst: the next request of 6 a minute goes in 10 s
+    stop = threading.Event()
+
+    def wait_in_line() -> None:
+        with pytest.raises(Cancelled):
+            limiter.acquire(small, 10, cancel=stop)
+
+    waiter = threading.Thread(target=wait_in_line)
+    waiter.start()
+    try:
+        wait_for(lambda: "waiting=1, next turn in" in repr(limiter))  # once Redis has answered it
+        shared = repr(limiter)
+    finally:
+        stop.set()
+        waiter.join(10)
+    assert " shared [" in shared
+    assert "gpt-4o-mini: rpm=1200.0 (headers), tpm=200000.0 (headers), waiting=0" in shared
+    assert "gpt-small: rpm=6, tpm=6000, waiting=1, next turn in " in shared  # as Redis last said
+
+    server.kill()
+    with pytest.raises(RateLimitTimeout):
+        limiter.acquire(small, 10, timeout=0)  # Redis fails: this process limits alone, from empty buckets
+    alone = repr(limiter)
+    assert "local_only (Redis failed; asked again in " in alone
+    assert "gpt-small: rpm=6 level=0.0, tpm=6000 level=0.0, waiting=0, share 100% of requests" in alone
+    assert "gpt-4o-mini: rpm=1200.0 (headers) level=" in alone
+    for text in (shared, alone, str(limiter)):
+        assert password not in text and SECRET not in text and SECRET[5:-4] not in text

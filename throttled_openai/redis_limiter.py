@@ -846,10 +846,53 @@ class RedisRateLimiter(RateLimiter):
         return out
 
     def __repr__(self) -> str:
+        """This process's view, without asking Redis (a repr neither waits on it nor fails it over): per
+        model, the limits it knows and where they came from, its budgets, its callers waiting, when Redis
+        last said its head may go; while Redis is down and it limits alone, its local buckets' levels and
+        its share. Then ``shared``, ``local_only`` or ``unavailable``. Never the Redis password (only
+        host, port and db) nor an API key (keys hold a hash of it, and are not shown)."""
+        from .errors import describe_window
+        from .limiter import CONFIGURED, _fmt
+
+        entries = RateLimiter.snapshot(self)  # the process's own buckets: no Redis call
+        now = self._clock()
+        local = self.local_only
+        with self._lock:
+            extras = {key[1]: (self._ready.get(key), self._local_share.get(key)) for key in self._keys}
+        parts = []
+        for model, entry in entries.items():
+            ready, share = extras.get(model, (None, None))
+            limits = []
+            for name, unit in (("requests", "rpm"), ("tokens", "tpm")):
+                text = f"{unit}={entry[f'{name}_limit']}"
+                if entry[f"{name}_source"] not in (None, CONFIGURED):
+                    text += f" ({entry[f'{name}_source']})"
+                if local:  # in Redis mode the local buckets are not charged: their levels would mislead
+                    text += f" level={_fmt(entry[f'{name}_level'])}"
+                if f"{name}_budget_limit" in entry:
+                    text += (
+                        f" budget={entry[f'{name}_budget_limit']:g}/{describe_window(entry[f'{name}_budget_window'])}"
+                        f" ({entry[f'{name}_budget_source']}) left={_fmt(entry[f'{name}_budget_level'])}"
+                    )
+                limits.append(text)
+            text = f"{model}: {', '.join(limits)}, waiting={entry['waiting']:.0f}"
+            if local and share is not None:
+                text += f", share {share[0]:.0%} of requests, {share[1]:.0%} of tokens"
+            elif not local and ready is not None and ready > now:
+                text += f", next turn in {ready - now:.2f}s (Redis)"
+            text += f", cost x{entry['cost_factor']:.2f}" if entry["cost_factor"] != 1.0 else ""
+            text += f", refunds {entry['refund_share']:.0%}" if entry["refund_share"] != 1.0 else ""
+            text += f", paused {entry['paused_for']:.2f}s" if entry["paused_for"] else ""
+            parts.append(text)
+        if self._resting():
+            state = "local_only" if local else "unavailable"  # limiting in this process alone, or failing
+            mode = f"{state} (Redis failed; asked again in {self._down_until - now:.1f}s)"
+        else:
+            mode = "shared"
         default = self.limits_for("")
         return (
             f"<RedisRateLimiter redis={self._where} prefix={self._prefix!r} on_error={self._on_error!r} "
-            f"rpm={default.rpm} tpm={default.tpm}{' local_only' if self.local_only else ''}>"
+            f"rpm={default.rpm} tpm={default.tpm} {mode} [{'; '.join(parts)}]>"
         )
 
 
