@@ -32,3 +32,15 @@ def _install_offline_cl100k() -> None:
 
 
 _install_offline_cl100k()
+
+
+def _no_downloads() -> None:
+    """Encodings not on disk are fetched from a port that refuses at once, so that the suite runs the
+    same with or without a network (in this process; subprocesses the tests start may try a download,
+    which fails as it does offline)."""
+    import throttled_openai.tokens as tokens
+
+    tokens._DOWNLOAD_BASE = "http://127.0.0.1:9/"
+
+
+_no_downloads()

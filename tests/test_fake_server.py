@@ -1119,3 +1119,14 @@ def test_request_above_capacity_but_within_limit(make_server: Callable[..., Fake
     assert "(TPM): Limit 60000" in refusal.response.json()["error"]["message"]
     time.sleep(int(refusal.response.headers["retry-after-ms"]) / 1000 + 0.02)
     assert chat(c, max_tokens=500).choices  # the advertised wait is enough for a full bucket
+
+
+def test_an_injected_429_without_configured_limits_names_a_plausible_limit(
+    make_server: Callable[..., FakeOpenAI],
+) -> None:
+    """A real 429 names the account's limit; "Limit 1" would teach a client one request a minute."""
+    server = make_server()
+    server.inject("429")
+    with pytest.raises(openai.RateLimitError) as info:
+        chat(client(server), max_tokens=1)
+    assert "(RPM): Limit 10000, Used 10000, Requested 1." in info.value.response.json()["error"]["message"]

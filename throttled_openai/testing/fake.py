@@ -40,6 +40,9 @@ _MODELS = ("gpt-4o-mini", "gpt-3.5-turbo-instruct", "text-embedding-3-small")
 _HEADERS_REPORTS = frozenset({"minute", "day"})
 
 
+_UNCONFIGURED_RPM = 10_000  # the limit an injected 429 names when the server has no RPM configured
+
+
 class FakeOpenAI:
     """A fake OpenAI API server with OpenAI-style rate limits, quota and injectable faults.
 
@@ -583,7 +586,9 @@ class FakeOpenAI:
             payload = _too_large_error(job.model, "TPM", limit, job.cost)
             return _json_reply(429, payload, headers + self._rl_headers(pair))
         self._stats["rate_limited"] += 1
-        limit = pair.req.limit if pair.req is not None else 1
+        # A real 429 names the account's real limit; with none configured here, a tier-1-like 10,000 RPM
+        # (naming 1 made a client that believes 429 messages crawl at one request a minute).
+        limit = pair.req.limit if pair.req is not None else _UNCONFIGURED_RPM
         used = limit if self._message_used else None
         payload = _rate_limit_error(job.model, "RPM", limit, used, 1, _FAULT_RETRY_S)
         if fault == "429":
