@@ -17,6 +17,9 @@ KEY = "sk-responses-0123456789"
 FAST = Retry(backoff_base=0.01, backoff_max=0.05)
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 5}
 INSTRUCT = "gpt-3.5-turbo-instruct"
+needs_responses = pytest.mark.skipif(
+    not hasattr(openai.OpenAI, "responses"), reason="the Responses API came with openai 1.66"
+)
 
 # Fault -> the kind it is counted as in stats().errors.
 BODY_FAULTS = {
@@ -106,6 +109,7 @@ def test_a_stream_left_early_is_settled_without_complaint(server: FakeOpenAI) ->
     assert client.limiter.snapshot()["gpt-4o-mini"]["waiting"] == 0
 
 
+@needs_responses
 def test_a_streamed_responses_call_is_settled_against_its_usage(server: FakeOpenAI) -> None:
     client = client_for(server, limiter=RateLimiter(tpm=60_000, initial_burst=60.0))  # starts full: 60,000
     stream = client.responses.create(model="gpt-4o-mini", input="hello", max_output_tokens=4000, stream=True)
@@ -119,6 +123,7 @@ def test_a_streamed_responses_call_is_settled_against_its_usage(server: FakeOpen
     assert client.limiter.snapshot()["gpt-4o-mini"]["tokens_level"] >= 60_000 - used - 1500
 
 
+@needs_responses
 def test_a_cut_responses_stream_raises_where_it_is_read(server: FakeOpenAI) -> None:
     client = client_for(server)
     server.inject("stream_cut", 1)
