@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List
+from typing import Any, Dict, Iterator, List, Tuple
 
 import pytest
 
 from throttled_openai import cli
+from throttled_openai.client import ThrottledClient
+from throttled_openai.retry import Retry
 from throttled_openai.testing import FakeOpenAI
 
 KEY = "sk-test-secret-0123456789"
@@ -220,7 +225,7 @@ class _Crash(BaseException):
     """Stands for the process dying right after an ``os.replace``."""
 
 
-@pytest.mark.parametrize("crash_after", [1, 2, 3])
+@pytest.mark.parametrize("crash_after", [1, 2, 3, 4])
 def test_compaction_crash_at_any_step_keeps_records_and_line_numbers_paired(
     tmp_path: Path, server: FakeOpenAI, monkeypatch: pytest.MonkeyPatch, crash_after: int
 ) -> None:
@@ -247,7 +252,10 @@ def test_compaction_crash_at_any_step_keeps_records_and_line_numbers_paired(
     out = records(tmp_path / "results.jsonl")
     assert numbers == list(range(1, 13)) and [record[2] for record in out] == numbers
     assert all("choices" in record[1] for record in out)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["requests.jsonl", "results.jsonl", "results.jsonl.lines"]
+    raw = (tmp_path / "requests.jsonl").read_bytes().splitlines()
+    assert (tmp_path / "results.jsonl.hashes").read_text().split() == [cli.line_digest(line) for line in raw]
+    files = ["requests.jsonl", "results.jsonl", "results.jsonl.hashes", "results.jsonl.lines"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == files
 
 
 def test_odd_lines_fail_alone_and_never_stop_the_job(tmp_path: Path, server: FakeOpenAI) -> None:
@@ -370,3 +378,346 @@ def test_ctrl_c_does_not_wait_for_requests_on_the_wire(tmp_path: Path) -> None:
         rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, check=False)
     assert rerun.returncode == 0, rerun.stderr
     assert sorted(r["line"] for r in records(results)) == list(range(1, 21))
+
+
+# -- issue 11, section D: the command line ---------------------------------------------------------
+
+
+def summary_counts(err: str) -> Tuple[int, int]:
+    """``(lines that have a result, written now)`` from the summary."""
+    found = re.search(r"run: (?:interrupted, )?(\d+) (?:of \d+ )?lines have a result in .* \((\d+) written now", err)
+    assert found, err
+    return int(found.group(1)), int(found.group(2))
+
+
+@pytest.fixture
+def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two retries a few milliseconds apart instead of six over about 30 s: a line that gets no answer
+    fails at once."""
+    quick = Retry(max_retries=2, backoff_base=0.001, backoff_max=0.001)
+    monkeypatch.setattr(cli, "ThrottledClient", functools.partial(ThrottledClient, retry=quick))
+
+
+def refused_port() -> int:
+    """A port nothing listens on: bound to learn a free one, then closed."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+@pytest.mark.parametrize("case", ["missing_directory", "output_is_a_directory", "directory_is_a_file", "input_dir"])
+@pytest.mark.parametrize("fmt", ["native", "cookbook"])
+def test_unusable_paths_are_usage_errors_before_anything_is_sent(
+    tmp_path: Path, server: FakeOpenAI, capsys: pytest.CaptureFixture[str], case: str, fmt: str
+) -> None:
+    requests = write_lines(tmp_path / "requests.jsonl", [chat(i) for i in range(5)])
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("x")
+    source, output, message = {
+        "missing_directory": (requests, tmp_path / "nowhere" / "out.jsonl", "the output's directory does not exist"),
+        "output_is_a_directory": (requests, tmp_path / "folder", "the output is a directory"),
+        "directory_is_a_file": (requests, tmp_path / "file" / "out.jsonl", "the output's directory is a file"),
+        "input_dir": (tmp_path / "folder", tmp_path / "out.jsonl", "the input is a directory, not a file"),
+    }[case]
+    args = [str(source), "-o", str(output), "--no-progress", "--api-key", KEY, "--base-url", server.base_url]
+    with pytest.raises(SystemExit) as info:  # before the fix: a traceback after the requests went out
+        cli.main([*args, "--format", fmt])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"throttled-openai run: error: {message}: ") and err.count("\n") == 1, err
+    assert server.stats()["requests"] == 0
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+@pytest.mark.parametrize("content", ["", "\n \n\t\n"])
+@pytest.mark.parametrize("fmt", ["native", "cookbook"])
+def test_an_empty_input_writes_an_empty_output_and_says_so(
+    tmp_path: Path, server: FakeOpenAI, capsys: pytest.CaptureFixture[str], content: str, fmt: str
+) -> None:
+    (tmp_path / "requests.jsonl").write_text(content)
+    for _ in range(2):  # and again, resuming it
+        assert run(tmp_path, server, "--format", fmt) == 0
+        assert (tmp_path / "results.jsonl").read_bytes() == b""
+        err = capsys.readouterr().err
+        assert "no requests in" in err and "(0 records)" in err and "wrote an empty" in err, err
+    assert server.stats()["requests"] == 0
+
+
+def test_a_base_url_that_refuses_connections_stops_the_job(
+    tmp_path: Path, quick_retries: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_lines(tmp_path / "requests.jsonl", [chat(i) for i in range(100)])
+    port = refused_port()
+    args = [str(tmp_path / "requests.jsonl"), "-o", str(tmp_path / "results.jsonl"), "--no-progress"]
+    args += ["--api-key", KEY, "--max-workers", "4"]
+    base_url = f"http://user:secret@127.0.0.1:{port}/v1/private-path?token=x"
+    assert cli.main([*args, "--base-url", base_url, "--max-connection-failures", "5"]) == 1
+    err = capsys.readouterr().err
+    assert f"stopped after 5 requests in a row got no answer from http://127.0.0.1:{port} (the last, line " in err
+    assert "secret" not in err and "private-path" not in err and "token=" not in err
+    assert "Check --base-url and the network, then rerun with --retry-failed" in err
+    out = records(tmp_path / "results.jsonl")
+    assert 5 <= len(out) <= 5 + 2 * 4  # those in flight when it stopped at most; the rest left for a rerun
+    assert {r["error"]["type"] for r in out} == {"connection"}
+    assert summary_counts(err) == (len(out), len(out))
+    with FakeOpenAI() as server:  # the server is back: a rerun does the rest and redoes the failures
+        assert cli.main([*args, "--base-url", server.base_url, "--retry-failed"]) == 0
+        assert server.stats()["requests"] == 100
+    out = records(tmp_path / "results.jsonl")
+    assert [r["line"] for r in out] == list(range(1, 101)) and all("response" in r for r in out)
+
+
+def test_a_server_that_drops_every_connection_stops_the_job(
+    tmp_path: Path, quick_retries: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_lines(tmp_path / "requests.jsonl", [chat(i) for i in range(300)])
+    with FakeOpenAI(fault_rates={"drop": 1.0}) as server:
+        assert run(tmp_path, server) == 1  # the default: 20 requests in a row, 32 workers
+        sent = server.stats()["requests"]
+    err = capsys.readouterr().err
+    assert "stopped after 20 requests in a row got no answer from http://127.0.0.1:" in err, err
+    out = records(tmp_path / "results.jsonl")
+    assert 20 <= len(out) <= 20 + 2 * 32 and {r["error"]["type"] for r in out} == {"connection"}
+    assert sent <= 3 * (20 + 2 * 32)  # three attempts a line: the rest was never sent
+
+
+def test_a_batch_that_gets_no_answer_counts_once(
+    tmp_path: Path, quick_retries: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_lines(tmp_path / "requests.jsonl", [completion(i) for i in range(200)])
+    base_url = f"http://127.0.0.1:{refused_port()}/v1"
+    args = [str(tmp_path / "requests.jsonl"), "-o", str(tmp_path / "results.jsonl"), "--no-progress"]
+    args += ["--api-key", KEY, "--base-url", base_url, "--max-workers", "1", "--rpm", "600", "--tpm", "100000"]
+    assert cli.main([*args, "--max-connection-failures", "2"]) == 1
+    assert "stopped after 2 requests in a row got no answer" in capsys.readouterr().err
+    out = records(tmp_path / "results.jsonl")
+    assert 40 <= len(out) <= 80 and {r["error"]["type"] for r in out} == {"connection"}  # 20 lines a request
+
+
+def test_answers_in_between_keep_the_job_going(tmp_path: Path, quick_retries: None) -> None:
+    lines = [chat(i) if i % 2 == 0 else {"model": "text-embedding-3-small", "input": f"v{i}"} for i in range(30)]
+    write_lines(tmp_path / "requests.jsonl", lines)
+    with FakeOpenAI() as server:
+        server.inject("drop", count=10_000, path="/chat/completions")  # every chat line fails, embeddings don't
+        assert run(tmp_path, server, "--max-workers", "1", "--max-connection-failures", "3") == 1
+    out = {r["line"]: r for r in records(tmp_path / "results.jsonl")}
+    assert sorted(out) == list(range(1, 31))
+    assert all(("error" in out[n]) == (n % 2 == 1) for n in out)
+
+
+def test_edited_lines_are_redone_and_counted(
+    tmp_path: Path, server: FakeOpenAI, capsys: pytest.CaptureFixture[str]
+) -> None:
+    lines: List[Any] = [{**chat(i), "metadata": {"id": i}} for i in range(10)]
+    requests = write_lines(tmp_path / "requests.jsonl", lines)
+    assert run(tmp_path, server) == 0
+    capsys.readouterr()
+    # the same requests, keys reordered and spaced out: no change
+    requests.write_text("".join(json.dumps(dict(reversed(list(line.items()))), indent=1).replace("\n", " ") + "\n"
+                                for line in lines))  # fmt: skip
+    server.reset_stats()
+    assert run(tmp_path, server) == 0 and server.stats()["requests"] == 0
+    assert "changed" not in capsys.readouterr().err
+    lines[2]["messages"][0]["content"] = "edited"
+    lines[4]["max_tokens"] = 5
+    lines[6]["metadata"] = {"id": "sixty"}  # passed through, not sent: still a change to its result
+    write_lines(requests, lines)
+    assert run(tmp_path, server) == 0  # before the fix: nothing redone
+    assert server.stats()["requests"] == 3
+    err = capsys.readouterr().err
+    assert "3 lines changed since the last run: redone" in err and summary_counts(err) == (10, 3)
+    out = records(tmp_path / "results.jsonl")
+    assert [r["line"] for r in out] == list(range(1, 11))  # one record per line again
+    assert out[2]["request"]["messages"][0]["content"] == "edited"
+    assert out[2]["response"]["choices"][0]["message"]["content"] == "echo:edited#0"
+    assert out[6]["metadata"] == {"id": "sixty"}
+    assert [r["line_hash"] for r in out] == [cli.line_digest(raw) for raw in requests.read_bytes().splitlines()]
+
+
+@pytest.mark.parametrize("fmt", ["native", "cookbook"])
+def test_a_shifted_input_redoes_the_shifted_lines(
+    tmp_path: Path, server: FakeOpenAI, capsys: pytest.CaptureFixture[str], fmt: str
+) -> None:
+    lines: List[Any] = [chat(i) for i in range(8)]
+    requests = write_lines(tmp_path / "requests.jsonl", lines)
+    assert run(tmp_path, server, "--format", fmt) == 0
+    capsys.readouterr()
+    server.reset_stats()
+    write_lines(requests, [*lines[:5], chat(100), *lines[5:]])  # a line inserted: 6, 7, 8 move down
+    assert run(tmp_path, server, "--format", fmt) == 0
+    assert server.stats()["requests"] == 4  # 6, 7, 8 changed, 9 is new
+    err = capsys.readouterr().err
+    assert "3 lines changed since the last run: redone" in err and summary_counts(err) == (9, 4)
+
+    def content(record: Any) -> str:
+        response = record["response"] if fmt == "native" else record[1]
+        return str(response["choices"][0]["message"]["content"])
+
+    out = records(tmp_path / "results.jsonl")
+    assert [content(r) for r in out] == [f"echo:chat {i}#0" for i in [0, 1, 2, 3, 4, 100, 5, 6, 7]]
+    if fmt == "cookbook":
+        assert (tmp_path / "results.jsonl.lines").read_text().split() == [str(n) for n in range(1, 10)]
+        digests = [cli.line_digest(raw) for raw in requests.read_bytes().splitlines()]
+        assert (tmp_path / "results.jsonl.hashes").read_text().split() == digests
+    server.reset_stats()
+    write_lines(requests, lines[:4])  # shortened: the results past its end are kept, not counted
+    assert run(tmp_path, server, "--format", fmt) == 0 and server.stats()["requests"] == 0
+    err = capsys.readouterr().err
+    assert "5 results in" in err and "for lines the input no longer has (5, 6, 7, 8, 9): kept, not counted" in err
+    assert summary_counts(err) == (4, 0) and len(records(tmp_path / "results.jsonl")) == 9
+
+
+@pytest.mark.parametrize("fmt", ["native", "cookbook"])
+def test_an_output_without_hashes_resumes_by_line_number(tmp_path: Path, server: FakeOpenAI, fmt: str) -> None:
+    lines: List[Any] = [chat(i) for i in range(6)]
+    requests = write_lines(tmp_path / "requests.jsonl", lines)
+    results = tmp_path / "results.jsonl"
+    assert run(tmp_path, server, "--format", fmt, "--max-workers", "1") == 0
+    if fmt == "native":  # as an older version wrote it
+        results.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "line_hash"}) + "\n"
+                                   for r in records(results)))  # fmt: skip
+    else:
+        (tmp_path / "results.jsonl.hashes").unlink()
+    lines[1]["messages"][0]["content"] = "edited"
+    write_lines(requests, [*lines, chat(6)])
+    server.reset_stats()
+    assert run(tmp_path, server, "--format", fmt) == 0
+    assert server.stats()["requests"] == 1  # the new line only: the old results have no hash to compare
+    if fmt == "cookbook":  # the side files still pair up, so the next change is seen
+        assert (tmp_path / "results.jsonl.hashes").read_text().split() == ["-"] * 6 + [cli.line_digest(
+            requests.read_bytes().splitlines()[6])]  # fmt: skip
+    lines[6:] = [chat(7)]
+    write_lines(requests, lines)
+    assert run(tmp_path, server, "--format", fmt) == 0 and server.stats()["requests"] == 2
+
+
+def test_a_line_nested_too_deeply_is_a_bad_line(tmp_path: Path, server: FakeOpenAI) -> None:
+    write_lines(tmp_path / "requests.jsonl", [chat(0), "[" * 100_000 + "]" * 100_000, chat(2)])
+    assert run(tmp_path, server) == 1  # before the fix: RecursionError, the job died
+    out = {r["line"]: r for r in records(tmp_path / "results.jsonl")}
+    assert out[2]["error"]["type"] == "invalid_json" and "nested too deeply" in out[2]["error"]["message"]
+    assert "response" in out[1] and "response" in out[3]
+    server.reset_stats()
+    assert run(tmp_path, server) == 1 and server.stats()["requests"] == 0
+
+
+def test_progress_counts_requests_not_newlines(
+    tmp_path: Path, server: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    auto = pytest.importorskip("tqdm.auto")
+    bars: List[Any] = []
+
+    class Bar:
+        def __init__(self, total: int, initial: int = 0, **_: Any) -> None:
+            self.total, self.n = total, initial
+            bars.append(self)
+
+        def update(self, count: int) -> None:
+            self.n += count
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(auto, "tqdm", Bar)
+    body = [json.dumps(chat(i)) for i in range(8)]
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("\n".join([*body[:3], "", *body[3:6], "  ", "", *body[6:]]))  # blanks, no final newline
+    args = [str(requests), "-o", str(tmp_path / "results.jsonl"), "--api-key", KEY, "--base-url", server.base_url]
+    assert cli.main([*args, "--max-workers", "1"]) == 0
+    assert (bars[-1].total, bars[-1].n) == (8, 8)  # before the fix: 8 of 10
+    requests.write_text(requests.read_text() + "\n" + json.dumps(chat(8)) + "\n")
+    assert cli.main(args) == 0
+    assert (bars[-1].total, bars[-1].n) == (9, 9)
+
+
+def test_ctrl_c_right_after_a_write_is_counted(
+    tmp_path: Path, server: FakeOpenAI, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_lines(tmp_path / "requests.jsonl", [completion(i) for i in range(200)])
+    real_append, appended = cli.Output.append, []
+
+    def append_then_ctrl_c(self: cli.Output, result: cli.Result) -> None:
+        real_append(self, result)
+        appended.append(result.line)
+        if len(appended) == 30:
+            signal.raise_signal(signal.SIGINT)  # Ctrl-C lands between writing a result and counting it
+
+    monkeypatch.setattr(cli.Output, "append", append_then_ctrl_c)
+    assert run(tmp_path, server, "--max-workers", "1") == 130
+    lines = (tmp_path / "results.jsonl").read_bytes().count(b"\n")
+    assert summary_counts(capsys.readouterr().err) == (lines, lines)  # before the fix: one fewer than the file
+    assert 30 <= lines < 200
+
+
+def test_ctrl_c_in_a_subprocess_summary_matches_the_file(tmp_path: Path) -> None:
+    requests = write_lines(tmp_path / "requests.jsonl", [completion(i) for i in range(2000)])
+    results = tmp_path / "results.jsonl"
+    with FakeOpenAI(latency=0.05) as server:
+        command = [sys.executable, "-m", "throttled_openai.cli", str(requests), "-o", str(results), "--no-progress"]
+        command += ["--max-workers", "2", "--rpm", "60000", "--tpm", "10000000"]
+        env = {**os.environ, "OPENAI_API_KEY": KEY, "OPENAI_BASE_URL": server.base_url}
+        env["PYTHONPATH"] = os.pathsep.join([str(Path(cli.__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+        child = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while child.poll() is None and time.monotonic() < deadline:
+            if results.exists() and results.read_bytes().count(b"\n") >= 200:
+                break
+            time.sleep(0.005)
+        assert child.poll() is None, "the job ended before it could be interrupted"
+        child.send_signal(signal.SIGINT)
+        _, err = child.communicate(timeout=30)
+        assert child.returncode == 130, err
+        lines = results.read_bytes().count(b"\n")
+        assert summary_counts(err) == (lines, lines) and lines < 2000
+        assert len({r["line"] for r in records(results)}) == lines
+        rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert rerun.returncode == 0, rerun.stderr
+    assert summary_counts(rerun.stderr) == (2000, 2000 - lines)
+    assert sorted(r["line"] for r in records(results)) == list(range(1, 2001))
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["run", "--help"], ["demo", "--help"]])
+def test_help_is_plain_text(argv: List[str], capsys: pytest.CaptureFixture[str]) -> None:
+    from throttled_openai.__main__ import main
+
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: throttled-openai")
+    assert "``" not in text and not re.search(r":[a-z]+:`", text) and "\\" not in text, text
+    if argv[0] == "run":
+        assert "--max-connection-failures" in text and "Exit codes" in text
+        with pytest.raises(SystemExit):
+            cli.main(["--help"])
+        assert capsys.readouterr().out.replace("usage: throttled-openai run", "", 1) == text.replace(
+            "usage: throttled-openai run", "", 1
+        )
+
+
+def test_demo_reports_waiting_per_call_and_summed_over_threads(capsys: pytest.CaptureFixture[str]) -> None:
+    from throttled_openai.__main__ import demo
+
+    assert demo(requests=60, threads=4, rpm=6000, tpm=150_000, latency=0.0) == 0
+    out = capsys.readouterr().out
+    found = re.search(
+        r"waiting for capacity +(\d+\.\d+) s per call on average \((\d+\.\d) s summed over 4 threads\), "
+        r"(\d+\.\d+) s at most",
+        out,
+    )
+    assert found, out
+    mean, total, longest = (float(value) for value in found.groups())
+    assert mean == pytest.approx(total / 60, abs=0.01) and longest >= mean
+
+
+def test_line_hashes_take_any_line_number() -> None:
+    hashes = cli.LineHashes()
+    digests = {line: cli.line_digest(b'{"n": %d}' % line) for line in [1, 2, 5000, 3, 10**12, -4, 0]}
+    for line, digest in digests.items():
+        hashes.set(line, digest)
+    assert all(hashes.get(line) == int(digest, 16) for line, digest in digests.items())
+    hashes.set(2, None)  # a later record without a hash wins
+    hashes.set(10**12, "not a hash")
+    assert hashes.get(2) == hashes.get(10**12) == hashes.get(4) == hashes.get(10**15) == 0
+    assert hashes.get(1) == int(digests[1], 16)

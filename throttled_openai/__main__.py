@@ -20,6 +20,17 @@ from .testing import FakeOpenAI
 
 __all__ = ["main"]
 
+#: ``--help``'s description: plain text (the module docstring is reST).
+DESCRIPTION = """\
+Call the OpenAI API as fast as your rate limits allow, and never faster.
+
+  demo  a throttled burst against a built-in fake server: no API key, no network
+  run   a JSONL file of requests under the rate limits, resumably
+
+"throttled-openai COMMAND --help" (or "python -m throttled_openai COMMAND
+--help") tells more.
+"""
+
 
 def demo(requests: int, threads: int, rpm: float, tpm: float, latency: float) -> int:
     """Run the demo; return a process exit code (0 when every request got its result)."""
@@ -59,7 +70,8 @@ def demo(requests: int, threads: int, rpm: float, tpm: float, latency: float) ->
         f"  ceiling of the limits  {ceiling:.1f} requests/s  ->  {achieved / ceiling:.0%} of the ceiling\n"
         f"  HTTP requests sent     {stats.requests}  (retries {stats.retries})\n"
         f"  429s from the server   {served['rate_limited']}  ({served['rate_limited'] / max(1, stats.requests):.2%})\n"
-        f"  waiting for capacity   {stats.wait_seconds:.1f} s in total, {stats.max_wait_seconds:.2f} s at most\n"
+        f"  waiting for capacity   {stats.wait_seconds / max(1, stats.calls):.2f} s per call on average "
+        f"({stats.wait_seconds:.1f} s summed over {threads} threads), {stats.max_wait_seconds:.2f} s at most\n"
         f"  tokens reserved / used {stats.tokens_reserved} / {stats.tokens_used}\n"
         f"  limiter                {client.limiter!r}"
     )
@@ -67,9 +79,17 @@ def demo(requests: int, threads: int, rpm: float, tpm: float, latency: float) ->
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="throttled-openai", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("demo", help="run a throttled burst against a built-in fake server")
+    parser = argparse.ArgumentParser(
+        prog="throttled-openai", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = commands.add_parser(
+        "demo",
+        help="run a throttled burst against a built-in fake server",
+        description="Send chat completions from many threads through one ThrottledClient to a fake OpenAI "
+        "server started in this process, with strict limits, and print throughput against the limits' "
+        "ceiling, 429s and time spent waiting. Needs no API key and no network.",
+    )
     run.add_argument("--requests", type=int, default=1500, help="chat completions to send (default 1500)")
     run.add_argument("--threads", type=int, default=32, help="worker threads (default 32)")
     run.add_argument("--rpm", type=float, default=6000, help="the fake server's requests per minute (default 6000)")

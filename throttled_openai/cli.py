@@ -5,20 +5,30 @@ line, an optional ``"metadata"`` passed through. The endpoint comes from the bod
 completions, ``messages`` → chat, ``input`` → embeddings) unless ``--endpoint`` says. Every request
 goes through one :class:`ThrottledClient`, so the job runs at the limits and no faster.
 
-How it stays correct when killed:
+How it stays correct when killed or edited:
 
 - Each result is appended to the output as one line, flushed as soon as it is known. A rerun reads the
   output, cuts off a torn last line (a crash mid-write) and skips every input line that has a result;
   ``--retry-failed`` also reruns the lines whose result is an error. When a line ends up with more than
   one record (a retried failure), the output is rewritten with one record per line, the last, in line
   order, through a temporary file and ``os.replace`` so a crash leaves the old or the new file.
-- The native format carries its line number; the Cookbook's ``[request, response, metadata]`` arrays do
-  not, so ``--format cookbook`` keeps the line numbers in a side file, ``<output>.lines``. Compaction
-  first writes the new numbers to ``<output>.lines.next`` with the new output's size and CRC, then
-  replaces the output, then the side file; a rerun adopts a ``.lines.next`` only if the output matches it.
+- Each result carries a short hash of its input line (:func:`line_digest`: sha256 of the line's JSON in
+  canonical form, metadata included, before ``--model`` fills anything in). A rerun redoes a line whose
+  hash differs (the input was edited or shifted); a result without one (an older output) is matched by
+  line number alone. Results for lines the input no longer has are kept but not counted.
+- The native format carries its line number and hash (``"line"``, ``"line_hash"``); the Cookbook's
+  ``[request, response, metadata]`` arrays do not, so ``--format cookbook`` keeps them in side files,
+  one line per result: the numbers in ``<output>.lines`` (as before), the hashes in ``<output>.hashes``
+  (``-`` for none). Compaction first writes both to ``<output>.lines.next`` with the new output's size
+  and CRC, then replaces the output, then the side files; a rerun adopts a ``.lines.next`` only if the
+  output matches it.
 - An error every later request would get too (no quota left, a rejected key, no permission) stops the
-  job: nothing more is sent, the lines not sent stay undone, and the exit code is 1. Ctrl-C stops at
-  once (requests on the wire are abandoned), with exit code 130; a rerun continues either way.
+  job, and so do ``--max-connection-failures`` requests in a row that got no answer at all (connection
+  refused or dropped, timeouts, after their retries): nothing more is sent, the lines not sent stay
+  undone, and the exit code is 1. Ctrl-C stops at the next result (requests on the wire are abandoned;
+  a second Ctrl-C stops at once), with exit code 130; a rerun continues either way.
+- Usage errors (exit code 2, one line on stderr) are found before anything is sent: a missing or
+  unreadable input, an output that is a directory or in a directory that does not exist.
 
 Single-prompt completions lines whose bodies differ only in ``prompt`` share one request (up to 20
 prompts, within the token burst the limiter allows); their answers are matched back by ``index``.
@@ -27,16 +37,20 @@ prompts, within the token burst the limiter allows); their answers are matched b
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
+import signal
 import sys
 import threading
 import time
 import zlib
+from array import array
 from collections import Counter, deque
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any, BinaryIO, Callable, Deque, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 import openai
@@ -48,7 +62,7 @@ from .mapping import _about_one_input, _is_fatal, _Pool
 from .retry import Retry
 from .tokens import estimate_cost
 
-__all__ = ["add_parser", "execute", "main"]
+__all__ = ["add_parser", "execute", "line_digest", "main"]
 
 #: API path of each endpoint a line may target.
 PATHS = {"completions": "/completions", "chat": "/chat/completions", "embeddings": "/embeddings"}
@@ -57,6 +71,8 @@ _SHAPES = (("prompt", "completions"), ("messages", "chat"), ("input", "embedding
 # Lines a completions line may wait, unsent, for compatible lines to share its request.
 _HOLD_LINES = 1000
 _DEFAULT_WORKERS = 32
+# Requests in a row that got no answer at all (connection refused or dropped, timeouts) before the job stops.
+_DEFAULT_CONNECTION_FAILURES = 20
 # Seconds the main thread waits at a time, so Ctrl-C is noticed promptly.
 _WAIT_SLICE = 0.25
 
@@ -77,14 +93,27 @@ class Task:
     endpoint: str
     metadata: Any
     has_metadata: bool
+    digest: Optional[str] = None  # line_digest() of the input line
 
     def done(self, response: Dict[str, Any], batch: Optional[List[int]] = None) -> Result:
-        return Result(self.line, self.request, self.metadata, self.has_metadata, response=response, batch=batch)
+        return Result(
+            self.line,
+            self.request,
+            self.metadata,
+            self.has_metadata,
+            response=response,
+            batch=batch,
+            digest=self.digest,
+            answered=True,
+        )
 
     def failed(self, error: BaseException) -> Result:
-        result = Result(self.line, self.request, self.metadata, self.has_metadata, error=_describe(error))
+        result = Result(
+            self.line, self.request, self.metadata, self.has_metadata, error=_describe(error), digest=self.digest
+        )
         result.fatal = _is_fatal(error)
         result.unsent = isinstance(error, Cancelled)
+        result.answered = _answered(error)
         return result
 
 
@@ -101,13 +130,15 @@ class Result:
     batch: Optional[List[int]] = None  # lines that shared the request, when batched
     fatal: bool = False  # an error every later request would get too: the job stops
     unsent: bool = False  # the job stopped before the request went out: no result, the line stays undone
+    digest: Optional[str] = None  # line_digest() of the input line, to tell an edited input on a rerun
+    answered: Optional[bool] = None  # the server answered (True), never did (False), not asked (None)
 
     def encode(self, fmt: str) -> bytes:
         """The output line, ``\\n`` included."""
         try:
             return _encode(self._record(fmt))
         except (TypeError, ValueError) as exc:  # cannot happen with JSON data; never lose the line
-            return _encode(Result(self.line, repr(self.request), error=_describe(exc))._record(fmt))
+            return _encode(Result(self.line, repr(self.request), error=_describe(exc), digest=self.digest)._record(fmt))
 
     def _record(self, fmt: str) -> Any:
         record: Any
@@ -115,7 +146,10 @@ class Result:
             outcome = self.response if self.error is None else [self.error["message"]]
             record = [self.request, outcome, self.metadata] if self.has_metadata else [self.request, outcome]
         else:
-            record = {"line": self.line, "request": self.request}
+            record = {"line": self.line}
+            if self.digest is not None:
+                record["line_hash"] = self.digest
+            record["request"] = self.request
             record.update({"response": self.response} if self.error is None else {"error": self.error})
             if self.has_metadata:
                 record["metadata"] = self.metadata
@@ -141,6 +175,17 @@ def _describe(error: BaseException) -> Dict[str, Any]:
     return described
 
 
+def _answered(error: BaseException) -> Optional[bool]:
+    """Whether the server answered the request that failed with ``error``: ``False`` for no answer at
+    all (connection refused, reset or dropped, a timeout), ``None`` when nothing was sent or it is not
+    known."""
+    if isinstance(error, openai.APIConnectionError):  # APITimeoutError included
+        return False
+    if isinstance(error, (openai.APIStatusError, UnexpectedResponse)):
+        return True
+    return None
+
+
 def _bad_line(line: int, request: Any, kind: str, message: str) -> Result:
     return Result(line, request, error={"type": kind, "message": f"line {line}: {message}"})
 
@@ -148,22 +193,104 @@ def _bad_line(line: int, request: Any, kind: str, message: str) -> Result:
 # -- reading the input --------------------------------------------------------------------------
 
 
+def line_digest(raw: bytes) -> str:
+    """A short hash of one input line: the first 16 hex digits of the sha256 of its JSON in canonical form
+    (keys sorted, no spaces, ASCII), so that re-indenting a line or reordering its keys is no change; of
+    its bytes, surrounding whitespace cut, when it is not JSON. The line as written, ``metadata``
+    included: ``--model`` and the other options are not part of it."""
+    try:
+        canonical = json.dumps(json.loads(raw), sort_keys=True, separators=(",", ":")).encode()
+    except (ValueError, RecursionError):
+        canonical = raw.strip()
+    return hashlib.sha256(canonical).hexdigest()[:16]
+
+
 def read_tasks(
     path: str, skip: Callable[[int], bool], endpoint: Optional[str], model: Optional[str]
 ) -> Iterator[Union[Task, Result]]:
-    """Stream the input: a :class:`Task` per line to send, a :class:`Result` per bad line. Lines are
-    numbered from 1 as in an editor; blank lines are not requests and get no result."""
+    """Stream the input: a :class:`Task` per line to send, a :class:`Result` per bad line, each with its
+    :func:`line_digest`. Lines are numbered from 1 as in an editor; blank lines are not requests and get
+    no result."""
     with open(path, "rb") as lines:
         for number, raw in enumerate(lines, start=1):
             if raw.strip() and not skip(number):
-                yield _parse(number, raw, endpoint, model)
+                item = _parse(number, raw, endpoint, model)
+                item.digest = line_digest(raw)
+                yield item
+
+
+class LineHashes:
+    """Line number → the :func:`line_digest` its result was made for, as a 64-bit number (0: none), in
+    8 bytes a line: an array indexed by line number, a dict for numbers far past the others."""
+
+    def __init__(self) -> None:
+        self._dense = array("Q")
+        self._sparse: Dict[int, int] = {}
+
+    def set(self, line: int, digest: Optional[str]) -> None:
+        value = _hash_value(digest)
+        if 0 <= line < len(self._dense):
+            self._dense[line] = value
+        elif 0 <= line <= 2 * len(self._dense) + 4096:
+            self._dense.frombytes(bytes(8 * (line + 1 - len(self._dense))))
+            self._dense[line] = value
+        elif value:
+            self._sparse[line] = value
+        else:
+            self._sparse.pop(line, None)
+
+    def get(self, line: int) -> int:
+        """The hash of ``line``'s result as a number; 0 when it has none."""
+        if 0 <= line < len(self._dense):
+            return self._dense[line]
+        return self._sparse.get(line, 0)
+
+
+def _hash_value(digest: Optional[str]) -> int:
+    """A :func:`line_digest` as a number, never 0; 0 for none (or one that is not 16 hex digits)."""
+    if digest is None or len(digest) != 16:
+        return 0
+    try:
+        return int(digest, 16) or 1
+    except ValueError:
+        return 0
+
+
+@dataclass
+class InputScan:
+    """What a first pass over the input found: the requests it holds, and how it compares with the
+    results already in the output."""
+
+    records: int  # non-blank lines: one result each
+    changed: Set[int]  # lines whose result was made for a different line (their hashes differ)
+    orphans: Set[int]  # lines with a result that are blank now, or past the input's end
+
+
+def scan_input(path: str, results: Dict[int, Optional[str]], hashes: LineHashes) -> InputScan:
+    """Count the requests in the input and compare each line that has a result (``results``) with the
+    hash that result was made for (``hashes``; a line missing from it is taken as unchanged)."""
+    records, last = 0, 0
+    changed: Set[int] = set()
+    blank: Set[int] = set()
+    with open(path, "rb") as lines:
+        for last, raw in enumerate(lines, start=1):  # last: the number of lines, in the end
+            if not raw.strip():
+                if last in results:
+                    blank.add(last)
+                continue
+            records += 1
+            stored = hashes.get(last)
+            if stored and stored != _hash_value(line_digest(raw)):
+                changed.add(last)
+    return InputScan(records, changed, blank | {line for line in results if line > last})
 
 
 def _parse(number: int, raw: bytes, endpoint: Optional[str], model: Optional[str]) -> Union[Task, Result]:
     try:
         body = json.loads(raw)
-    except ValueError as exc:
-        return _bad_line(number, raw.decode("utf-8", "replace").rstrip("\r\n"), "invalid_json", str(exc))
+    except (ValueError, RecursionError) as exc:
+        message = str(exc) if isinstance(exc, ValueError) else "nested too deeply"
+        return _bad_line(number, raw.decode("utf-8", "replace").rstrip("\r\n"), "invalid_json", message)
     if not isinstance(body, dict):
         return _bad_line(number, body, "unknown_shape", "a request must be a JSON object")
     has_metadata = "metadata" in body
@@ -283,48 +410,85 @@ class Output:
         self.path = path
         self.fmt = fmt
         self.index_path = path + ".lines" if fmt == "cookbook" else None
-        self.next_path = path + ".lines.next"  # compaction's new line numbers, until both files are in
+        self.hashes_path = path + ".hashes" if fmt == "cookbook" else None
+        self.next_path = path + ".lines.next"  # compaction's new side files, until all three files are in
         self.untidy = False  # a line has several records, or a record is unreadable
+        self.hashes = LineHashes()  # the line_digest() each line's last record was made for, if any
         self._out: Optional[BinaryIO] = None
         self._index: Optional[BinaryIO] = None
+        self._hashes: Optional[BinaryIO] = None
 
     def load(self) -> Dict[int, Optional[str]]:
-        """Line → ``None`` (done) or its error type, last record winning; cuts off torn last lines."""
+        """Line → ``None`` (done) or its error type, last record winning (its hash, if it has one, in
+        :attr:`hashes`); cuts off torn last lines."""
         state: Dict[int, Optional[str]] = {}
         self._recover()
-        for line, record in self._records():
+        for line, digest, record in self._records():
             if line in state:
                 self.untidy = True
             state[line] = _error_type(record)
+            self.hashes.set(line, digest)
         return state
 
     def _recover(self) -> None:
         """Finish or undo a compaction a crash interrupted: a ``.lines.next`` made for the output that
-        is now in place (same size and CRC) becomes the side file; one made for an output that never
-        got in place is dropped, the old output and side file still belonging together."""
+        is now in place (same size and CRC) becomes the side files; one made for an output that never
+        got in place is dropped, the old output and side files still belonging together."""
         leftovers = [self.path + ".tmp", self.next_path + ".tmp"]
-        if self.index_path is not None:
-            leftovers.append(self.index_path + ".tmp")
+        for side in (self.index_path, self.hashes_path):
+            if side is not None:
+                leftovers.append(side + ".tmp")
         for leftover in leftovers:
             if os.path.exists(leftover):
                 os.remove(leftover)
         if self.index_path is None or not os.path.exists(self.next_path):
             return
         with open(self.next_path, "rb") as file:
-            header, _, numbers = file.read().partition(b"\n")
+            header, _, entries = file.read().partition(b"\n")
         if os.path.exists(self.path) and header == _signature(self.path):
-            _replace(self.index_path, iter([numbers]))
+            self._write_side_files(entries)
         os.remove(self.next_path)
 
-    def _records(self) -> Iterator[Tuple[int, Any]]:
+    def _write_side_files(self, entries: bytes) -> None:
+        """``.lines`` and ``.hashes`` from compaction's ``number hash`` lines (``.lines.next``)."""
+        assert self.index_path is not None and self.hashes_path is not None
+        numbers, digests = [], []
+        for entry in entries.splitlines():
+            number, _, digest = entry.partition(b" ")
+            numbers.append(number + b"\n")
+            digests.append((digest or b"-") + b"\n")
+        _replace(self.index_path, iter(numbers))
+        _replace(self.hashes_path, iter(digests))
+
+    def _side_hashes(self, count: int) -> List[Optional[str]]:
+        """The hashes of the first ``count`` records (cookbook format), ``None`` where there is none. The
+        file is made to hold exactly ``count`` entries, ``-`` for none (an older output, or a crash
+        between a result's line number and its hash), so that the next one appended is in its place."""
+        assert self.hashes_path is not None
+        path = self.hashes_path
+        entries = _complete_lines(path) if os.path.exists(path) else []
+        if len(entries) > count:
+            os.truncate(path, entries[count][0])
+            entries = entries[:count]
+        if len(entries) < count:
+            with open(path, "ab") as file:
+                _write_all(file, b"-\n" * (count - len(entries)))
+        digests: List[Optional[str]] = []
+        for _, raw in entries:
+            digest = raw.strip().decode("ascii", "replace")
+            digests.append(None if digest in ("", "-") else digest)
+        return digests + [None] * (count - len(entries))
+
+    def _records(self) -> Iterator[Tuple[int, Optional[str], Any]]:
+        """``(line, hash or None, record)`` of every readable record, in file order."""
         if not os.path.exists(self.path):
             return
-        numbers: Optional[List[int]] = None
+        numbers: Optional[List[Tuple[int, Optional[str]]]] = None
         if self.index_path is not None:
             if not os.path.exists(self.index_path) and os.path.getsize(self.path):
                 raise UsageError(f"{self.path} was not written with --format cookbook (no {self.index_path})")
             raw = _complete_lines(self.index_path) if os.path.exists(self.index_path) else []
-            numbers = [int(number) for _, number in raw]
+            numbers = list(zip(_line_numbers(self.index_path, raw), self._side_hashes(len(raw))))
         lines = _complete_lines(self.path)
         if numbers is not None:
             if len(numbers) > len(lines):
@@ -340,45 +504,71 @@ class Output:
                 continue
             if numbers is None and isinstance(record, list):
                 raise UsageError(f"{self.path} holds --format cookbook results; rerun with --format cookbook")
-            line = numbers[k] if numbers is not None else record.get("line") if isinstance(record, dict) else None
-            if isinstance(line, int):
-                yield line, record
+            line: Any = None
+            digest: Any = None
+            if numbers is not None:
+                line, digest = numbers[k]
+            elif isinstance(record, dict):
+                line, digest = record.get("line"), record.get("line_hash")
+            if isinstance(line, int) and not isinstance(line, bool):
+                yield line, digest if isinstance(digest, str) else None, record
             else:
                 self.untidy = True
 
-    def append(self, result: Result) -> None:
+    def open_files(self) -> None:
+        """Open the output (and side files) for appending, creating them: before anything is sent, so
+        that an output that cannot be written is a usage error, not a failure after requests went out."""
         if self._out is None:
             self._out = open(self.path, "ab", buffering=0)  # noqa: SIM115 - closed in close()
-            if self.index_path is not None:
+            if self.index_path is not None and self.hashes_path is not None:
                 self._index = open(self.index_path, "ab", buffering=0)  # noqa: SIM115
+                self._hashes = open(self.hashes_path, "ab", buffering=0)  # noqa: SIM115
+
+    def append(self, result: Result) -> None:
+        """The result, then (cookbook format) its line number, then its hash: a crash in between leaves
+        a result without a number (redone) or a number without a hash (matched by number alone)."""
+        self.open_files()
+        assert self._out is not None
         _write_all(self._out, result.encode(self.fmt))
-        if self._index is not None:
+        if self._index is not None and self._hashes is not None:
             _write_all(self._index, b"%d\n" % result.line)
+            _write_all(self._hashes, (result.digest or "-").encode() + b"\n")
 
     def close(self) -> None:
-        for file in (self._out, self._index):
+        for file in (self._out, self._index, self._hashes):
             if file is not None:
                 file.close()
-        self._out = self._index = None
+        self._out = self._index = self._hashes = None
 
     def compact(self) -> None:
         """Rewrite with one record per line (the last), in line order; a crash at any point leaves
         the old pair or the new one (see :meth:`_recover`)."""
         self.close()
-        last: Dict[int, bytes] = {}
-        for line, record in self._records():
-            last[line] = _encode(record)
+        last: Dict[int, Tuple[bytes, Optional[str]]] = {}
+        for line, digest, record in self._records():
+            last[line] = (_encode(record), digest)
         lines = sorted(last)
         if self.index_path is None:
-            _replace(self.path, (last[line] for line in lines))
+            _replace(self.path, (last[line][0] for line in lines))
         else:
-            temporary = _write_synced(self.path + ".tmp", (last[line] for line in lines))
-            numbers = b"".join(b"%d\n" % line for line in lines)
-            _replace(self.next_path, iter([_signature(temporary) + b"\n", numbers]))
+            temporary = _write_synced(self.path + ".tmp", (last[line][0] for line in lines))
+            entries = b"".join(b"%d %s\n" % (line, (last[line][1] or "-").encode()) for line in lines)
+            _replace(self.next_path, iter([_signature(temporary) + b"\n", entries]))
             os.replace(temporary, self.path)
-            _replace(self.index_path, iter([numbers]))
+            self._write_side_files(entries)
             os.remove(self.next_path)
         self.untidy = False
+
+
+def _line_numbers(path: str, entries: List[Tuple[int, bytes]]) -> List[int]:
+    """The numbers in a ``.lines`` side file."""
+    numbers = []
+    for k, (_, raw) in enumerate(entries):
+        try:
+            numbers.append(int(raw))
+        except ValueError:
+            raise UsageError(f"{path} is damaged at line {k + 1}; remove it and its output to start over") from None
+    return numbers
 
 
 def _error_type(record: Any) -> Optional[str]:
@@ -479,20 +669,72 @@ class Writer:
 # -- the job ------------------------------------------------------------------------------------
 
 
+@dataclass
+class Stop:
+    """Why the job stopped before the end: ``"fatal"`` (an error every request would get: no quota, a
+    rejected key, no permission) or ``"unanswered"`` (``count`` requests in a row got no answer at all)."""
+
+    reason: str
+    result: Result  # the line that stopped it
+    count: int = 1
+
+
+class _CtrlC:
+    """While in use, Ctrl-C sets :attr:`pressed` instead of raising ``KeyboardInterrupt`` wherever the main
+    thread happens to be (halfway through writing a result, say): the job checks it between results and
+    stops there. A second Ctrl-C raises at once. Only in the main thread, and only where Ctrl-C has
+    Python's default behaviour (not ignored, no handler of the application's own)."""
+
+    def __init__(self) -> None:
+        self.pressed = threading.Event()
+        self._installed = False
+
+    def __enter__(self) -> threading.Event:
+        main = threading.current_thread() is threading.main_thread()
+        if main and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, self._handle)
+            self._installed = True
+        return self.pressed
+
+    def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
+        if self.pressed.is_set():
+            raise KeyboardInterrupt
+        self.pressed.set()
+
+    def __exit__(self, *exc: object) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            self._installed = False
+
+
 def process(
-    client: ThrottledClient, items: Iterator[Union[Task, Result]], writer: Writer, workers: int
-) -> Optional[Result]:
+    client: ThrottledClient,
+    items: Iterator[Union[Task, Result]],
+    writer: Writer,
+    workers: int,
+    max_unanswered: int = _DEFAULT_CONNECTION_FAILURES,
+    interrupt: Optional[threading.Event] = None,
+) -> Optional[Stop]:
     """Send every task on ``workers`` threads, batching compatible completions lines; results go to
-    ``writer`` from this thread only. Returns the first fatal result (no quota, a rejected key, no
-    permission) if one stopped the job: then nothing more is sent and the lines not sent stay undone.
-    Ctrl-C (``KeyboardInterrupt``) stops at once: finished results are written, the requests still on the
-    wire are abandoned to their daemon threads, and the interrupt is raised again."""
+    ``writer`` from this thread only. Returns why the job stopped early, if it did: a fatal result (no
+    quota, a rejected key, no permission), or ``max_unanswered`` requests in a row (0: no limit) that got
+    no answer from the server after their retries (refused or dropped connections, timeouts; a request
+    the server answered, even with an error, resets the count). Then nothing more is sent and the lines
+    not sent stay undone.
+    Ctrl-C (``KeyboardInterrupt``, or ``interrupt`` set) stops at once: finished results are written, the
+    requests still on the wire are abandoned to their daemon threads, and ``KeyboardInterrupt`` is
+    raised (again)."""
     stop = threading.Event()
     pool = _Pool(workers)
     inflight: Set[Future[List[Any]]] = set()
     groups: Dict[str, List[Task]] = {}  # batches being filled, oldest first
     costs: Dict[str, int] = {}
-    fatal: List[Result] = []
+    stopped: List[Stop] = []
+    unanswered = [0]  # requests in a row, in the order they finished, that got no answer
+
+    def check_interrupt() -> None:
+        if interrupt is not None and interrupt.is_set():
+            raise KeyboardInterrupt
 
     def work(job: Tuple[Callable[[ThrottledClient, Any], List[Result]], Any]) -> List[Result]:
         send, what = job
@@ -512,16 +754,28 @@ def process(
             results = future.result()
         except BaseException:  # the worker was stopped: its lines stay undone
             return
+        heard: List[Result] = []  # results that tell whether the server answered
         for result in results:
             if result.unsent:
                 continue
             writer.put(result)
-            if result.fatal and not fatal:
-                fatal.append(result)
-                stop.set()
+            if result.fatal and not stopped:
+                stopped.append(Stop("fatal", result))
+            if result.answered is not None:
+                heard.append(result)
+        # One request (a batch: one for all its lines), or a few when a batch was split.
+        if any(result.answered for result in heard):
+            unanswered[0] = 0
+        elif heard:
+            unanswered[0] += 1
+            if max_unanswered and unanswered[0] >= max_unanswered and not stopped:
+                stopped.append(Stop("unanswered", heard[-1], unanswered[0]))
+        if stopped:
+            stop.set()
 
     def drain(block: bool) -> None:
         while True:
+            check_interrupt()
             done, _ = wait(inflight, timeout=_WAIT_SLICE if block else 0, return_when=FIRST_COMPLETED)
             if done or not block:
                 break
@@ -554,6 +808,7 @@ def process(
 
     try:
         for item in items:
+            check_interrupt()
             if stop.is_set():
                 break
             writer.expect(item.line)
@@ -583,7 +838,7 @@ def process(
             future.cancel()
         pool.shutdown()
         writer.flush()
-    return fatal[0] if fatal else None
+    return stopped[0] if stopped else None
 
 
 @dataclass(frozen=True)
@@ -603,77 +858,132 @@ class Options:
     progress: bool = True
     api_key: Optional[str] = None
     base_url: Optional[str] = None
+    max_connection_failures: int = _DEFAULT_CONNECTION_FAILURES
 
 
 def run(options: Options) -> int:
-    """Run the job; return the exit code: 0 every line has a response, 1 some failed (or an error every
-    request would get stopped the job), 130 Ctrl-C."""
+    """Run the job; return the exit code: 0 every line has a response, 1 some failed (or the job stopped
+    early: an error every request would get, or a server that does not answer), 130 Ctrl-C. Raises
+    :class:`UsageError` before anything is sent when the input or the output cannot be used."""
     started = time.monotonic()
     output = Output(options.output, options.format)
-    state = output.load()
+    try:
+        state = output.load()
+    except OSError as exc:
+        raise UsageError(f"cannot read the output {options.output}: {_reason(exc)}") from None
+    try:
+        scan = scan_input(options.input, state, output.hashes)
+    except OSError as exc:
+        raise UsageError(f"cannot read the input {options.input}: {_reason(exc)}") from None
     resumed = bool(state)
+    for line in scan.changed | scan.orphans:  # no result stands for these lines now
+        del state[line]
+    if scan.changed:
+        output.untidy = True  # their old records go when compaction keeps each line's last
     redo = {line for line, error in state.items() if error is not None} if options.retry_failed else set()
+    client = ThrottledClient(api_key=options.api_key, base_url=options.base_url, rpm=options.rpm, tpm=options.tpm)
+    try:
+        output.open_files()
+    except OSError as exc:
+        raise UsageError(f"cannot write the output {options.output}: {_reason(exc)}") from None
+    if scan.records == 0:
+        output.close()
+        notes = [f"throttled-openai run: no requests in {options.input} (0 records): nothing was sent"]
+        if not scan.orphans:
+            notes.append(f"  wrote an empty {options.output}")
+        notes.extend(_scan_notes(options, scan, state))
+        print("\n".join(notes), file=sys.stderr)
+        return 0
 
     def skip(line: int) -> bool:
         return line in state and line not in redo
 
-    client = ThrottledClient(api_key=options.api_key, base_url=options.base_url, rpm=options.rpm, tpm=options.tpm)
     earlier = len(state) - len(redo)  # lines a result from an earlier run stands for
-    progress = _progress_bar(options, earlier) if options.progress else None
+    progress = _progress_bar(scan.records, earlier) if options.progress else None
     writer = Writer(output, options.ordered, state, progress)
     items = read_tasks(options.input, skip, options.endpoint, options.model)
     interrupted = False
-    fatal: Optional[Result] = None
-    try:
-        fatal = process(client, items, writer, options.max_workers)
-    except KeyboardInterrupt:
-        interrupted = True
-    finally:
-        output.close()
-        if progress is not None:
-            progress.close()
-    if not interrupted and (output.untidy or (options.ordered and resumed and writer.written)):
-        output.compact()
-    _summary(options, writer, client, earlier, time.monotonic() - started, interrupted)
-    if fatal is not None and fatal.error is not None:
-        print(
-            f"throttled-openai run: stopped at line {fatal.line}: {fatal.error['message']}\n"
-            f"  every further request would fail the same way ({fatal.error['type']}), so the remaining lines"
-            " were not sent.\n  Fix it, then rerun with --retry-failed: the lines that got this error are"
-            " retried and the rest is done.",
-            file=sys.stderr,
-        )
-        return 1
+    stopped: Optional[Stop] = None
+    with _CtrlC() as pressed:  # from here on, Ctrl-C never lands halfway through writing a result
+        try:
+            stopped = process(
+                client, items, writer, options.max_workers, options.max_connection_failures, interrupt=pressed
+            )
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            output.close()
+            if progress is not None:
+                progress.close()
+        if not interrupted and (output.untidy or (options.ordered and resumed and writer.written)):
+            output.compact()
+        _summary(options, writer, client, earlier, time.monotonic() - started, interrupted, scan)
+        if stopped is not None:
+            print(_stop_notice(stopped, client), file=sys.stderr)
+            return 1
     if interrupted:
         return 130
     return 1 if any(error is not None for error in state.values()) else 0
 
 
-def _progress_bar(options: Options, initial: int) -> Any:
-    """A tqdm bar on stderr (shown on a terminal only), or ``None`` when tqdm is not installed."""
+def _reason(error: OSError) -> str:
+    return error.strerror or str(error)
+
+
+def _progress_bar(total: int, initial: int) -> Any:
+    """A tqdm bar on stderr (shown on a terminal only), or ``None`` when tqdm is not installed. ``total``
+    counts the input's requests (its non-blank lines), ``initial`` those a result from an earlier run
+    stands for."""
     try:
         from tqdm.auto import tqdm  # type: ignore[import-untyped]
     except ImportError:
         return None
-    with open(options.input, "rb") as file:
-        total = sum(chunk.count(b"\n") for chunk in iter(lambda: file.read(1 << 20), b""))
     return tqdm(total=total, initial=initial, unit="line", file=sys.stderr, disable=None, dynamic_ncols=True)
 
 
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}" if count == 1 else f"{count} {word}s"
+
+
+def _scan_notes(options: Options, scan: InputScan, state: Dict[int, Optional[str]]) -> List[str]:
+    """Summary lines about how the input compares with the results of earlier runs."""
+    notes = []
+    if scan.changed:
+        redone = sum(1 for line in scan.changed if line in state)
+        left = len(scan.changed) - redone
+        outcome = "redone" if not left else f"{redone} redone, {left} left for a rerun"
+        notes.append(f"  {_plural(len(scan.changed), 'line')} changed since the last run: {outcome}")
+    if scan.orphans:
+        shown = sorted(scan.orphans)
+        listed = ", ".join(str(line) for line in shown[:5]) + (", ..." if len(shown) > 5 else "")
+        notes.append(
+            f"  {_plural(len(shown), 'result')} in {options.output} for lines the input no longer has "
+            f"({listed}): kept, not counted"
+        )
+    return notes
+
+
 def _summary(
-    options: Options, writer: Writer, client: ThrottledClient, earlier: int, seconds: float, interrupted: bool
+    options: Options,
+    writer: Writer,
+    client: ThrottledClient,
+    earlier: int,
+    seconds: float,
+    interrupted: bool,
+    scan: InputScan,
 ) -> None:
-    """Print what happened on stderr: results, failures by reason, tokens, 429s, time."""
+    """Print what happened on stderr: results, failures by reason, tokens, 429s, time, changed lines."""
     state = writer.state
     failed = Counter(error for error in state.values() if error is not None)
     stats = client.stats()
     reasons = ", ".join(f"{reason} {count}" for reason, count in failed.most_common()) or "none"
     lines = [
-        f"throttled-openai run: {'interrupted, ' if interrupted else ''}{len(state)} lines have a result in "
-        f"{options.output} ({writer.written} written now, {earlier} from earlier runs)",
+        f"throttled-openai run: {'interrupted, ' if interrupted else ''}{len(state)} of {scan.records} lines have "
+        f"a result in {options.output} ({writer.written} written now, {earlier} from earlier runs)",
         f"  done {len(state) - sum(failed.values())}, failed {sum(failed.values())} ({reasons})",
         f"  tokens used {stats.tokens_used}, HTTP requests {stats.requests}, 429s {stats.total_429s}, "
         f"time {seconds:.1f} s",
+        *_scan_notes(options, scan, state),
     ]
     if failed and not options.retry_failed:
         lines.append("  rerun with --retry-failed to retry the failed lines")
@@ -682,7 +992,52 @@ def _summary(
     print("\n".join(lines), file=sys.stderr)
 
 
+def _stop_notice(stop: Stop, client: ThrottledClient) -> str:
+    """Why the job stopped early, and what to do (after the summary)."""
+    error = stop.result.error or {"type": "error", "message": ""}
+    retry = " rerun with --retry-failed: the lines that got this error are retried and the rest is done."
+    if stop.reason == "fatal":
+        return (
+            f"throttled-openai run: stopped at line {stop.result.line}: {error['message']}\n"
+            f"  every further request would fail the same way ({error['type']}), so the remaining lines"
+            f" were not sent.\n  Fix it, then{retry}"
+        )
+    url = client.base_url  # scheme, host and port: what a connection needs (never a password, path or query)
+    where = f"{url.scheme}://{url.netloc.decode('ascii', 'replace')}"
+    return (
+        f"throttled-openai run: stopped after {stop.count} requests in a row got no answer from {where}"
+        f" (the last, line {stop.result.line}: {error['message']})\n"
+        "  the server refuses or drops the connections, or does not answer, so the remaining lines were not"
+        f" sent.\n  Check --base-url and the network, then{retry}"
+    )
+
+
 # -- command line -------------------------------------------------------------------------------
+
+#: The ``run`` command's description in ``--help``: plain text (the module docstring is reST).
+DESCRIPTION = f"""\
+Run a JSONL file of OpenAI API requests under the rate limits, and write one
+result per request.
+
+The input is the OpenAI Cookbook's api_request_parallel_processor.py format:
+one request body per line, with an optional "metadata" that is copied to the
+result. The endpoint comes from the body ("prompt": completions, "messages":
+chat, "input": embeddings) unless --endpoint says. Single-prompt completions
+lines that differ only in their prompt share a request (20 at most).
+
+Each result is written as soon as it is known. Rerun the same command after a
+crash or Ctrl-C: lines that already have a result are skipped, lines that
+changed since that result was made are redone, and with --retry-failed the
+lines that failed are redone too.
+
+The job stops early, leaving the rest for a rerun, on an error every request
+would get (no quota left, a rejected key, no permission), and when
+--max-connection-failures requests in a row (default {_DEFAULT_CONNECTION_FAILURES}) get no answer
+from the server at all.
+
+Exit codes: 0 every line has a response; 1 some line failed, or the job
+stopped early; 2 usage error (nothing was sent); 130 interrupted (Ctrl-C).
+"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -698,11 +1053,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--format",
         choices=("native", "cookbook"),
         default="native",
-        help="native: {line, request, response|error, metadata}; cookbook: [request, response, metadata]",
+        help="native: {line, line_hash, request, response|error, metadata}; cookbook: [request, response, "
+        "metadata], with line numbers in OUTPUT.lines and hashes in OUTPUT.hashes",
     )
     parser.add_argument("--retry-failed", action="store_true", help="also rerun lines whose result is an error")
     parser.add_argument(
         "--max-workers", type=int, default=_DEFAULT_WORKERS, help=f"requests in flight (default {_DEFAULT_WORKERS})"
+    )
+    parser.add_argument(
+        "--max-connection-failures",
+        type=int,
+        default=_DEFAULT_CONNECTION_FAILURES,
+        metavar="N",
+        help="stop after N requests in a row got no answer from the server, after their retries: connection"
+        f" refused or dropped, timeouts (default {_DEFAULT_CONNECTION_FAILURES}; 0: never stop)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--api-key", help="API key (default: $OPENAI_API_KEY); never printed or written")
@@ -712,26 +1076,54 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def add_parser(commands: Any) -> argparse.ArgumentParser:
     """Add ``run`` to an ``add_subparsers()`` object (``__main__`` uses this)."""
     parser: argparse.ArgumentParser = commands.add_parser(
-        "run", help="run a JSONL file of requests under the rate limits, resumably", description=__doc__
+        "run",
+        help="run a JSONL file of requests under the rate limits, resumably",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     add_arguments(parser)
     parser.set_defaults(run_parser=parser)
     return parser
 
 
+def _check_input(path: str) -> None:
+    if os.path.isdir(path):
+        raise UsageError(f"the input is a directory, not a file: {path}")
+    if not os.path.exists(path):
+        raise UsageError(f"input file not found: {path}")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise UsageError(f"cannot read the input {path}: {_reason(exc)}") from None
+
+
+def _check_output(path: str, input_path: str) -> None:
+    if os.path.isdir(path):
+        example = os.path.join(path, "results.jsonl")
+        raise UsageError(f"the output is a directory: {path} (give a file name, such as {example})")
+    folder = os.path.dirname(path) or os.curdir
+    if not os.path.isdir(folder):
+        problem = "is a file" if os.path.exists(folder) else "does not exist"
+        raise UsageError(f"the output's directory {problem}: {folder}")
+    if os.path.abspath(input_path) == os.path.abspath(path) or (
+        os.path.exists(path) and os.path.samefile(input_path, path)
+    ):
+        raise UsageError("the output must not be the input file")
+
+
 def options_from(args: argparse.Namespace) -> Options:
     """Checked :class:`Options` from parsed arguments; raises :class:`UsageError`."""
-    if not os.path.isfile(args.input):
-        raise UsageError(f"input file not found: {args.input}")
-    if os.path.abspath(args.input) == os.path.abspath(args.output):
-        raise UsageError("the output must not be the input file")
+    _check_input(args.input)
+    _check_output(args.output, args.input)
     for name in ("rpm", "tpm"):
         value = getattr(args, name)
         if value is not None and not (value > 0 and math.isfinite(value)):
             raise UsageError(f"--{name} must be a finite number > 0")
     if args.max_workers < 1:
         raise UsageError("--max-workers must be >= 1")
+    if args.max_connection_failures < 0:
+        raise UsageError("--max-connection-failures must be >= 0")
     api_key = args.api_key or os.environ.get("OPENAI_API_KEY")
     if not api_key:
         raise UsageError("no API key: set OPENAI_API_KEY or pass --api-key")
@@ -749,23 +1141,27 @@ def options_from(args: argparse.Namespace) -> Options:
         progress=not args.no_progress,
         api_key=api_key,
         base_url=args.base_url or os.environ.get("OPENAI_BASE_URL") or None,
+        max_connection_failures=args.max_connection_failures,
     )
 
 
 def execute(args: argparse.Namespace) -> int:
-    """Run from parsed arguments; a usage error exits with code 2 through the parser."""
+    """Run from parsed arguments. A usage error exits with code 2 and one line on stderr, before anything
+    is sent; Ctrl-C outside the job itself (reading a large input or output first) returns 130."""
     parser: argparse.ArgumentParser = args.run_parser
     try:
         return run(options_from(args))
     except UsageError as exc:
-        parser.error(str(exc))  # exits with code 2
-        raise  # unreachable
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted; rerun the same command to continue", file=sys.stderr)
+        return 130
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m throttled_openai.cli INPUT -o OUTPUT ...``: the ``run`` command on its own."""
     parser = argparse.ArgumentParser(
-        prog="throttled-openai run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="throttled-openai run", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_arguments(parser)
     parser.set_defaults(run_parser=parser)
