@@ -56,7 +56,8 @@ from typing import Any, BinaryIO, Callable, Deque, Dict, Iterator, List, Optiona
 import openai
 
 from .batching import MAX_PROMPTS_PER_COMPLETION
-from .client import ThrottledClient, _current
+from .client import ThrottledClient
+from .context import current
 from .errors import Cancelled
 from .mapping import _about_one_input, _is_fatal, _Pool
 from .retry import Retry
@@ -324,7 +325,7 @@ def _as_dict(result: Any) -> Dict[str, Any]:
 
 
 def _post(client: ThrottledClient, path: str, body: Dict[str, Any]) -> Dict[str, Any]:
-    cancel = getattr(_current, "cancel", None)
+    cancel = current.cancel
     if cancel is not None and cancel.is_set():
         raise Cancelled("the job stopped before this request was sent")
     # cast_to=object: the SDK returns the JSON as is, with no model to build (and none to fail).
@@ -740,13 +741,13 @@ def process(
         send, what = job
         if stop.is_set():
             return []  # never sent: the line stays undone
-        _current.cancel = stop  # lets a worker waiting in the limiter give up when the job stops
+        current.cancel = stop  # lets a worker waiting in the limiter give up when the job stops
         try:
             return send(client, what)
         except Exception as exc:  # a bug or an odd answer: that request's lines fail, the job goes on
             return [task.failed(exc) for task in (what if isinstance(what, list) else [what])]
         finally:
-            _current.cancel = None
+            current.cancel = None
 
     def take(future: Future[List[Any]]) -> None:
         inflight.discard(future)

@@ -76,9 +76,6 @@ class _Attempt:
         self.stats.failed_call()
 
 
-_current = current  # the name cli.py imports
-
-
 def _on_response(response: Any) -> None:
     """httpx response hook: feed this thread's attempt the rate-limit headers, before the body is read.
     A successful stream (stream=True or with_streaming_response) is settled when it ends,
