@@ -251,7 +251,9 @@ def test_the_cli_in_a_subprocess_never_shows_the_key_from_the_environment(tmp_pa
 def test_threads_failing_at_once_keep_the_key_out_of_every_message(logs: Everything) -> None:
     """Many threads hitting errors together: concurrent logging and error paths still never show it."""
     with FakeOpenAI(rpm=6000, tpm=1_000_000, fault_rates={"500": 0.3, "429": 0.2, "drop": 0.2}, seed=5) as server:
-        client = ThrottledClient(base_url=server.base_url, api_key=SECRET, retry=Retry(max_retries=2, backoff_base=0.01, backoff_max=0.02))
+        client = ThrottledClient(
+            base_url=server.base_url, api_key=SECRET, retry=Retry(max_retries=2, backoff_base=0.01, backoff_max=0.02)
+        )
         texts: List[str] = []
         lock = threading.Lock()
 
