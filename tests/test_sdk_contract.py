@@ -106,9 +106,15 @@ def test_a_2xx_body_that_is_not_json_reaches_request(fault: str, outcome: type) 
 
 
 def test_response_validation_error_signature() -> None:
-    import httpx
+    import sys
 
-    response = httpx.Response(200, request=httpx.Request("POST", "http://127.0.0.1/v1/x"))
+    # httpx, or httpx2 for openai 3.x: the library of the SDK's own client
+    http = next(
+        sys.modules[c.__module__.split(".")[0]]
+        for c in openai.DefaultHttpxClient.__mro__
+        if c.__module__.startswith("httpx")
+    )
+    response = http.Response(200, request=http.Request("POST", "http://127.0.0.1/v1/x"))
     error = openai.APIResponseValidationError(response, None, message="m")
     assert (error.status_code, error.message, error.response) == (200, "m", response)
 

@@ -47,7 +47,6 @@ import urllib.parse
 from contextvars import ContextVar
 from typing import Any, Callable, ClassVar, Dict, NoReturn, Optional, Tuple
 
-import httpx
 import openai as _v1
 
 from .client import ThrottledClient
@@ -340,8 +339,22 @@ _PROXY_ERROR = (
     "'openai.proxy' must be specified as either a string URL or a dict with string URL under the https and/or "
     "http keys."
 )
+
+
+def _http_library() -> Any:
+    """The HTTP library of the SDK's own client: httpx, or httpx2 for openai 3.x (which has no httpx)."""
+    for cls in _v1.DefaultHttpxClient.__mro__:
+        root = cls.__module__.split(".")[0]
+        if root.startswith("httpx"):
+            return sys.modules[root]
+    import httpx  # pragma: no cover  # an SDK whose default client is not a subclass of one
+
+    return httpx
+
+
+_httpx = _http_library()
 # The SDK's connection limits (its DefaultHttpxClient's), for the transports a proxy needs.
-_CONNECTION_LIMITS = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
+_CONNECTION_LIMITS = _httpx.Limits(max_connections=1000, max_keepalive_connections=100)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -409,17 +422,17 @@ def _proxies(value: Any) -> Optional[Tuple[Tuple[str, str], ...]]:
         raise ValueError(_PROXY_ERROR)
     for _, url in proxies:
         try:
-            httpx.Proxy(url)
+            _httpx.Proxy(url)
         except ValueError as exc:  # "proxy:3128", with no scheme, say
             raise ValueError(f"openai.proxy: {exc} (give a URL: http://host:port)") from None
     return proxies
 
 
-def _http_client(proxies: Tuple[Tuple[str, str], ...]) -> httpx.Client:
+def _http_client(proxies: Tuple[Tuple[str, str], ...]) -> Any:
     """The SDK's default HTTP client with its requests sent through ``proxies``, and not through the
     environment's proxies (``trust_env=False``): a proxy set in code is meant for every request."""
     mounts = {
-        f"{scheme}://": httpx.HTTPTransport(proxy=httpx.Proxy(url), limits=_CONNECTION_LIMITS)
+        f"{scheme}://": _httpx.HTTPTransport(proxy=_httpx.Proxy(url), limits=_CONNECTION_LIMITS)
         for scheme, url in proxies
     }
     return _v1.DefaultHttpxClient(mounts=mounts, trust_env=False)
