@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Tuple
 
+import openai
 import pytest
 
 from throttled_openai import cli
@@ -721,3 +722,19 @@ def test_line_hashes_take_any_line_number() -> None:
     hashes.set(10**12, "not a hash")
     assert hashes.get(2) == hashes.get(10**12) == hashes.get(4) == hashes.get(10**15) == 0
     assert hashes.get(1) == int(digests[1], 16)
+
+
+def test_a_bad_answer_is_an_answer_for_the_connection_failure_count() -> None:
+    """A captive portal answering 200 HTML to every line is a server that answers (each line fails as
+    malformed_response), not one that is down: it does not stop the job as a dead server does."""
+    from throttled_openai import MalformedResponse
+    from throttled_openai.cli import _answered
+
+    http = next(
+        sys.modules[c.__module__.split(".")[0]]
+        for c in openai.DefaultHttpxClient.__mro__
+        if c.__module__.startswith("httpx")
+    )
+    page = http.Response(200, html="<html>log in</html>", request=http.Request("POST", "http://127.0.0.1/v1/x"))
+    assert _answered(MalformedResponse(page, "is text/html, not JSON")) is True
+    assert _answered(openai.APIConnectionError(request=page.request)) is False

@@ -356,6 +356,22 @@ def test_imap_bulk_error_carries_what_was_obtained_and_not_yielded() -> None:
         assert not set(obtained) & set(yielded) and not set(obtained) & set(error.errors)
 
 
+def test_imap_timeout_carries_what_finished_behind_a_slow_head() -> None:
+    """In input order, a slow first request holds back those behind it; when run_timeout passes, the
+    BulkTimeout carries every result that had come back meanwhile."""
+    with FakeOpenAI(slow_seconds=4.0) as server:
+        client = client_for(server, rpm=60_000, tpm=10_000_000)
+        client.map_completions(["warm"], model=MODEL, max_tokens=1)  # limits known: requests go in parallel
+        server.inject("slow", 1)
+        prompts = [f"s{i}" for i in range(6)]
+        with pytest.raises(BulkTimeout) as info:
+            for _ in client.imap_completions(prompts, model=MODEL, max_tokens=1, batch_size=1, run_timeout=1.5):
+                pass
+        obtained = {i: r for i, r in enumerate(info.value.results) if r is not None}
+        assert len(obtained) >= 3 and 0 not in obtained
+        assert all(r.text == expected_text(prompts[i]) for i, r in obtained.items())
+
+
 def test_many_threads_mapping_on_one_client_share_it() -> None:
     with FakeOpenAI(rpm=1200, tpm=10_000_000, bucket_seconds=1.0) as server:
         client = client_for(server, rpm=1200)
@@ -397,6 +413,8 @@ def test_empty_input_is_an_empty_result(server: FakeOpenAI) -> None:
         (lambda c: c.map_completions(["ok"], model=MODEL, stream=True), ValueError, "stream"),
         (lambda c: c.map_completions(["ok"], model=MODEL, run_timeout=-1), ValueError, "run_timeout"),
         (lambda c: c.map_completions(["ok"], model=MODEL, run_timeout="5"), TypeError, "run_timeout"),
+        (lambda c: c.map_completions(["ok"], model=MODEL, timeout="5"), TypeError, "timeout"),
+        (lambda c: c.map_completions(["ok"], model=MODEL, timeout=0), ValueError, "timeout"),
         (lambda c: c.map_completions(["ok"], model=MODEL, prompt="x"), TypeError, "prompt=.*first argument"),
         (lambda c: c.map_completions(["ok"], model=MODEL, max_tokenz=3), TypeError, "'max_tokenz'.*completions"),
         (

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import gc
+import sys
 import time
+import warnings
 from typing import Any, Iterator
 
 import openai
@@ -172,10 +174,15 @@ def test_a_client_closes_the_http_client_it_made(server: FakeOpenAI) -> None:
     with client_for(server) as client:
         client.chat.completions.create(**CHAT)
     assert client.is_closed()
-    # Garbage collected without close(): its connections close, as the SDK's own client's do.
-    for _ in range(5):
-        client_for(server).chat.completions.create(**CHAT)
-    gc.collect()
+    # Garbage collected without close(): its connections are closed, not left to the sockets' finalizers
+    # (which warn), as with the SDK's own client.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        for _ in range(5):
+            client_for(server).chat.completions.create(**CHAT)
+            gc.collect()
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
     deadline = time.monotonic() + 5
     while server._conns and time.monotonic() < deadline:  # the server sees each connection end
         time.sleep(0.02)
@@ -192,3 +199,47 @@ def test_a_client_leaves_an_http_client_it_was_given_open(server: FakeOpenAI) ->
     again = client_for(server, http_client=http)
     again.chat.completions.create(**CHAT)
     http.close()
+
+
+def test_a_parse_that_fails_on_a_whole_answer_is_the_callers_not_retried(server: FakeOpenAI) -> None:
+    """parse() with a schema the answer does not fit raises pydantic's error (a ValueError) from inside
+    the SDK: a whole JSON answer, so not a malformed body: raised at once, as by the plain SDK."""
+    import pydantic
+
+    class Verdict(pydantic.BaseModel):
+        verdict: str
+
+    client = client_for(server)
+    completions = client.chat.completions
+    parse = getattr(completions, "parse", None) or client.beta.chat.completions.parse  # moved in openai 1.92
+    with pytest.raises(ValueError) as info:
+        parse(**CHAT, response_format=Verdict)  # the fake answers "echo:hello#0": not a Verdict
+    assert not isinstance(info.value, MalformedResponse)
+    assert server.stats()["requests"] == 1 and client.stats().errors == {}
+
+
+def test_text_from_an_endpoint_that_may_answer_text_is_not_a_fault() -> None:
+    """An SRT transcript comes back as a str (openai 1.x casts it to Transcription); only a token-bearing
+    endpoint's answer, or an HTML page, is judged."""
+    from throttled_openai.client import _examine
+
+    http = next(
+        sys.modules[c.__module__.split(".")[0]]
+        for c in openai.DefaultHttpxClient.__mro__
+        if c.__module__.startswith("httpx")
+    )
+    request = http.Request("POST", "http://127.0.0.1/v1/audio/transcriptions")
+    srt = http.Response(200, text="1\n00:00:00,000 --> 00:00:01,000\nhi\n", request=request)
+    assert _examine(srt.text, openai.types.audio.Transcription, srt, None) is None
+    page = http.Response(200, html="<html>log in</html>", request=request)
+    with pytest.raises(MalformedResponse, match="text/html"):
+        _examine(page.text, openai.types.audio.Transcription, page, None)
+
+
+def test_an_error_event_in_a_stream_is_counted(server: FakeOpenAI) -> None:
+    client = client_for(server)
+    server.inject("error_200", 1)  # for a stream: an event-stream whose only event is {"error": ...}
+    with pytest.raises(openai.APIError):
+        for _ in client.chat.completions.create(**CHAT, stream=True):
+            pass
+    assert client.stats().errors == {"stream_error": 1} and client.stats().failures == 1

@@ -58,7 +58,7 @@ import openai
 from .batching import MAX_PROMPTS_PER_COMPLETION
 from .client import ThrottledClient
 from .context import current
-from .errors import Cancelled
+from .errors import Cancelled, MalformedResponse
 from .mapping import _about_one_input, _is_fatal, _Pool
 from .retry import Retry
 from .tokens import estimate_cost
@@ -182,8 +182,8 @@ def _answered(error: BaseException) -> Optional[bool]:
     known."""
     if isinstance(error, openai.APIConnectionError):  # APITimeoutError included
         return False
-    if isinstance(error, (openai.APIStatusError, UnexpectedResponse)):
-        return True
+    if isinstance(error, (openai.APIStatusError, UnexpectedResponse, MalformedResponse)):
+        return True  # an answer, if a bad one (a captive portal's page, say): not a dead server
     return None
 
 

@@ -70,9 +70,10 @@ class _Attempt:
         if used is not None:
             self.stats.used(used)
 
-    def cut(self) -> None:
-        """The stream ended without its final event: the call failed after it returned."""
-        self.stats.failed_attempt("incomplete_stream", False, False)
+    def failed_late(self, kind: str) -> None:
+        """The call failed after it returned, while its stream was read: ``incomplete_stream`` (it
+        ended without its final event) or ``stream_error`` (the server sent an error event)."""
+        self.stats.failed_attempt(kind, False, False)
         self.stats.failed_call()
 
 
@@ -133,6 +134,7 @@ class _UsageScanner:
         self._line = b""  # SSE: the line being received; else: the body's tail
         self._used: Optional[int] = None
         self._final = False
+        self._errored = False  # an error event: the SDK raises it to the reader
         self._reported = False
 
     def __iter__(self) -> Iterator[bytes]:
@@ -165,10 +167,13 @@ class _UsageScanner:
                 data = line[5:].strip()
                 if data == b"[DONE]":
                     self._final = True
-                elif b'"usage"' in data and b'"usage":null' not in data and b'"usage": null' not in data:
+                elif data.startswith(b'{"error"') or (
+                    b'"usage"' in data and b'"usage":null' not in data and b'"usage": null' not in data
+                ):
                     self._read_event(data)
             elif line.startswith(b"event:") and line[6:].strip() in _FINAL_EVENTS:
                 self._final = True
+                self._errored = self._errored or line[6:].strip() in (b"error", b"response.failed")
 
     def _read_event(self, data: bytes) -> None:
         try:
@@ -179,6 +184,9 @@ class _UsageScanner:
             return
         if isinstance(event.get("type"), str) and event["type"].encode() in _FINAL_EVENTS:
             self._final = True
+            self._errored = event["type"] in ("error", "response.failed")
+        elif "error" in event and "type" not in event:  # chat's {"error": {...}} in the middle of a stream
+            self._errored = True
         usage = event.get("usage")
         inner = event.get("response")
         if usage is None and isinstance(inner, dict):
@@ -193,8 +201,8 @@ class _UsageScanner:
         self._reported = True
         if not self._sse:
             self._used = _usage_in_tail(self._line)
-        if cut:
-            self._attempt.cut()
+        if cut or self._errored:
+            self._attempt.failed_late("incomplete_stream" if cut else "stream_error")
         self._attempt.settle(None if cut else self._used)
 
 
@@ -578,13 +586,14 @@ class _ThrottledMixin:
                 current.attempt = attempt
                 try:
                     result = super().request(cast_to, options, *args, **kwargs)  # type: ignore[misc]
-                except _PARSE_ERRORS as error:  # a 2xx whose body the SDK could not parse
-                    if attempt.response is None or not 200 <= attempt.response.status_code < 300:
+                except _PARSE_ERRORS as error:  # a 2xx whose body the SDK could not parse, or a parse of ours
+                    problem = _bad_body(attempt.response)
+                    if problem is None:  # a whole JSON answer: the error is the caller's (a parse() schema)
                         raise
-                    raise MalformedResponse(attempt.response, _what_is_wrong(attempt.response)) from error
+                    raise MalformedResponse(attempt.response, problem) from error
                 used = None
                 if not streaming:
-                    used = _examine(result, cast_to, attempt.response)  # raises MalformedResponse
+                    used = _examine(result, cast_to, attempt.response, endpoint)  # raises MalformedResponse
             except (openai.APIStatusError, openai.APIConnectionError, MalformedResponse) as error:
                 # 3a. Failed: charge what the server likely counted, then ask the policy.
                 status = getattr(error, "status_code", None)
@@ -643,18 +652,30 @@ class _ThrottledMixin:
 _PARSE_ERRORS = (ValueError, TypeError, AttributeError, KeyError)
 
 
-def _what_is_wrong(response: Any) -> str:
-    """How a 2xx body the SDK could not parse looks, for the error message (never the body itself)."""
+def _bad_body(response: Any) -> Optional[str]:
+    """What is wrong with a 2xx response's body, for the error message (never the body itself); None
+    when it is a whole JSON object that is not an error: then a failed parse is the caller's (a schema
+    given to parse(), say), not the server's fault."""
+    if response is None or not 200 <= response.status_code < 300:
+        return None
     kind = response.headers.get("content-type", "")
     try:
-        size = len(response.content)
+        content = response.content
     except Exception:  # not read
-        return "could not be read"
-    if size == 0:
+        return None
+    if not content:
         return "is empty"
-    if "json" not in kind:
-        return f"is {kind or 'untyped'}, not JSON"
-    return f"is not the JSON expected ({size} bytes)"
+    try:
+        body = json.loads(content)
+    except ValueError:
+        return (
+            f"is {kind or 'untyped'}, not JSON" if "json" not in kind else f"is not valid JSON ({len(content)} bytes)"
+        )
+    if not isinstance(body, dict):
+        return "is JSON but not an object"
+    if "error" in body and "id" not in body:
+        return f"is an error object: {_error_text(body['error'])}"
+    return None
 
 
 def _streams_raw(options: Any) -> bool:
@@ -664,22 +685,27 @@ def _streams_raw(options: Any) -> bool:
     return any(k.lower() == "x-stainless-raw-response" and v == "stream" for k, v in headers.items())
 
 
-def _examine(result: Any, cast_to: Any, response: Any) -> Optional[int]:
+def _examine(result: Any, cast_to: Any, response: Any, endpoint: Optional[str]) -> Optional[int]:
     """Tokens used according to a call's result (a parsed model, a dict with cast_to=object, or a
     raw response already read), after checking it is what the endpoint returns: a 2xx whose body is an
-    HTML page or an error object raises MalformedResponse, to be retried."""
+    HTML page or an error object raises MalformedResponse, to be retried. Only the token-bearing
+    endpoints (always JSON) and HTML pages are judged: others may answer text (an SRT transcript)."""
     http_response = getattr(result, "http_response", None)  # with_raw_response: the body is read
     if http_response is not None and not isinstance(result, openai.BaseModel):
+        judged = endpoint is not None or http_response.headers.get("content-type", "").startswith("text/html")
+        problem = _bad_body(http_response) if judged else None
+        if problem is not None:
+            raise MalformedResponse(http_response, problem)
         try:
             result = json.loads(http_response.content)
         except ValueError:
-            kind = http_response.headers.get("content-type", "")
-            if "json" in kind or kind.startswith("text/html") or not http_response.content:
-                raise MalformedResponse(http_response, _what_is_wrong(http_response)) from None
-            return None  # a file, audio: nothing to check
+            return None  # a file, audio, text: nothing to read
     if isinstance(result, str) and cast_to is not str and response is not None:
         # The SDK hands back the text of a body that is not JSON (a proxy's HTML page, say).
-        raise MalformedResponse(response, _what_is_wrong(response))
+        page = response.headers.get("content-type", "").startswith("text/html")
+        problem = _bad_body(response) if endpoint is not None or page or not result else None
+        if problem is not None:
+            raise MalformedResponse(response, problem)
     if isinstance(result, Mapping):
         error, identity, usage = result.get("error"), result.get("id"), result.get("usage")
     else:

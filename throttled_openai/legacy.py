@@ -38,6 +38,7 @@ use instead: ``acreate`` and the other async methods, the other v0 resources (``
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 import random
 import sys
@@ -49,7 +50,7 @@ from typing import Any, Callable, ClassVar, Dict, NoReturn, Optional, Tuple
 
 import openai as _v1
 
-from .client import ThrottledClient
+from .client import ThrottledClient, _OwnedHttpClient
 from .errors import RateLimitTimeout, RequestTooLarge
 from .retry import Decision, Retry
 
@@ -347,9 +348,7 @@ def _http_library() -> Any:
         root = cls.__module__.split(".")[0]
         if root.startswith("httpx"):
             return sys.modules[root]
-    import httpx  # pragma: no cover  # an SDK whose default client is not a subclass of one
-
-    return httpx
+    return importlib.import_module("httpx")  # an SDK whose default client is not a subclass of one
 
 
 _httpx = _http_library()
@@ -435,7 +434,7 @@ def _http_client(proxies: Tuple[Tuple[str, str], ...]) -> Any:
         f"{scheme}://": _httpx.HTTPTransport(proxy=_httpx.Proxy(url), limits=_CONNECTION_LIMITS)
         for scheme, url in proxies
     }
-    return _v1.DefaultHttpxClient(mounts=mounts, trust_env=False)
+    return _OwnedHttpClient(mounts=mounts, trust_env=False)  # closed when the client it serves is dropped
 
 
 def _client_for(

@@ -185,6 +185,11 @@ def _check_common(
             )
     if kwargs.get("stream"):
         raise ValueError("stream=True is not supported by the bulk helpers; call create() for streams")
+    timeout = kwargs.get("timeout")  # the SDK's, for each request: a wrong one would fail every input
+    if isinstance(timeout, (bool, str, bytes)):
+        raise TypeError(f"timeout (seconds, for each request) must be a number or an httpx Timeout, got {timeout!r}")
+    if isinstance(timeout, (int, float)) and not timeout > 0:
+        raise ValueError(f"timeout (seconds, for each request) must be > 0, got {timeout!r}")
     _check_positive_int("max_workers", max_workers, allow_none=True)
     if run_timeout is not None:
         if isinstance(run_timeout, bool) or not isinstance(run_timeout, (int, float)):
@@ -317,6 +322,8 @@ class _Run:
         self.latency = 0.0  # moving average of a request's seconds on the wire, waits excluded
         self.stats = target.stats
         self.stats0 = target.stats()
+        # Requests handed out and not yet reported; after a stop, what finished of them: leftovers().
+        self.handed_out: Deque[Tuple[Batch[Any], Future[List[Any]]]] = deque()
         self.progress = progress
 
     def target(self) -> int:
@@ -357,7 +364,7 @@ class _Run:
         report, close_progress = _progress_reporter(self.progress, self.total)
         deadline = math.inf if self.timeout is None else time.monotonic() + self.timeout
         pool = _Pool(self.fixed_workers or _MAX_DERIVED_WORKERS)
-        handed_out: Deque[Tuple[Batch[Any], Future[List[Any]]]] = deque()
+        handed_out = self.handed_out
         source_error: Optional[BaseException] = None
         exhausted = False
         try:
@@ -412,6 +419,15 @@ class _Run:
             # the wire cannot be recalled and its (daemon) thread finishes it alone.
             wait([future for _, future in handed_out if not future.cancelled()], timeout=_STOP_GRACE)
             close_progress()
+
+    def leftovers(self) -> Iterator[Tuple[int, Any]]:
+        """``(position, result or exception)`` of the requests that finished but were never reported:
+        what a run stopped by its deadline or Ctrl-C still obtained (within the stop grace)."""
+        for batch, future in self.handed_out:
+            if future.done() and not future.cancelled():
+                for position, outcome in zip(batch.positions, _outcomes(future, len(batch.items))):
+                    if not isinstance(outcome, Cancelled):
+                        yield position, outcome
 
 
 def _ready(
@@ -491,11 +507,16 @@ def _collect(run: _Run, batches: Iterator[Batch[Any]], size: int, return_excepti
                     run.stop.set()  # send nothing more, but keep what is already on its way
                 else:
                     results[position] = outcome
-    except _DeadlinePassed:
+    except (_DeadlinePassed, KeyboardInterrupt) as stop:
+        for position, outcome in run.leftovers():
+            if isinstance(outcome, BaseException):
+                errors[position] = outcome
+            else:
+                results[position] = outcome
+        if isinstance(stop, KeyboardInterrupt):
+            _interrupted(stop, results, errors)
+            raise
         raise BulkTimeout(f"run_timeout passed with {run.done} of {size} inputs done", results, errors) from None
-    except KeyboardInterrupt as stop:
-        _interrupted(stop, results, errors)
-        raise
     if errors:
         first = min(errors)
         raise BulkError(
@@ -531,6 +552,11 @@ def _iterate(
             pass
         finally:
             outcomes.close()
+        for position, outcome in run.leftovers():  # finished, never reported: a deadline or Ctrl-C came first
+            if isinstance(outcome, BaseException):
+                errors[position] = outcome
+            else:
+                unyielded[position] = outcome
         laid_out: List[Any] = [None] * (max([*unyielded, *errors], default=-1) + 1)
         for position, outcome in unyielded.items():
             laid_out[position] = outcome

@@ -335,9 +335,12 @@ class _Load:
                     return self.encoding
                 self._reading = True
                 self._read_until = _clock() + _DISK_WAIT
-            else:
+            else:  # another thread reads it: wait as long as a read from disk may take, no longer
                 while self._reading and self.encoding is None:
-                    self._cond.wait()
+                    left = self._read_until - _clock()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
                 return self.encoding
         self._read(files, fetch=False)
         return self.encoding
