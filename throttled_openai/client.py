@@ -260,12 +260,7 @@ def _make_retry(retry: Union[Retry, int, None], max_retries: Any) -> Retry:
 class _ThrottledMixin:
     """The throttling shared by ThrottledClient and ThrottledAzureClient."""
 
-    _limiter: RateLimiter
-    _retry: Retry
-    _max_wait: Optional[float]
-    _stats: Stats
-    _counter: TokenCounter
-    _account: str
+    # No class-level annotations: pydoc on Python 3.9 would show them in help() as __annotations__.
 
     def __init__(
         self,
@@ -288,11 +283,11 @@ class _ThrottledMixin:
                 raise ValueError("give either limiter or rpm/tpm/limits: a shared limiter carries its own limits")
         else:
             limiter = RateLimiter(rpm, tpm, limits=limits)
-        self._limiter = limiter
-        self._retry = _make_retry(retry, kwargs.pop("max_retries", _UNSET))
-        self._max_wait = _check_max_wait(max_wait)
-        self._stats = shared_stats or Stats()
-        self._counter = shared_counter or TokenCounter()
+        self._limiter: RateLimiter = limiter
+        self._retry: Retry = _make_retry(retry, kwargs.pop("max_retries", _UNSET))
+        self._max_wait: Optional[float] = _check_max_wait(max_wait)
+        self._stats: Stats = shared_stats or Stats()
+        self._counter: TokenCounter = shared_counter or TokenCounter()
         http_client = kwargs.get("http_client")
         if http_client is None:
             # Ours, so closed when this client (and every copy sharing it) is garbage collected, as the
@@ -307,7 +302,7 @@ class _ThrottledMixin:
         # request()); the SDK's max_retries attribute reports the policy's.
         super().__init__(max_retries=self._retry.max_retries, **kwargs)  # type: ignore[call-arg]
         secret = key_provider or getattr(self, "api_key", None)
-        self._account = _account_hash(secret, getattr(self, "base_url", ""))
+        self._account: str = _account_hash(secret, getattr(self, "base_url", ""))
 
     # -- public surface --------------------------------------------------------------------------
 
