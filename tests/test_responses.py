@@ -216,6 +216,8 @@ def test_a_parse_that_fails_on_a_whole_answer_is_the_callers_not_retried(server:
 def test_text_from_an_endpoint_that_may_answer_text_is_not_a_fault() -> None:
     """An SRT transcript comes back as a str (openai 1.x casts it to Transcription); only a token-bearing
     endpoint's answer, or an HTML page, is judged."""
+    from openai.types.audio import Transcription
+
     from throttled_openai.client import _examine
 
     http = next(
@@ -225,10 +227,10 @@ def test_text_from_an_endpoint_that_may_answer_text_is_not_a_fault() -> None:
     )
     request = http.Request("POST", "http://127.0.0.1/v1/audio/transcriptions")
     srt = http.Response(200, text="1\n00:00:00,000 --> 00:00:01,000\nhi\n", request=request)
-    assert _examine(srt.text, openai.types.audio.Transcription, srt, None) is None
+    assert _examine(srt.text, Transcription, srt, None) is None
     page = http.Response(200, html="<html>log in</html>", request=request)
     with pytest.raises(MalformedResponse, match="text/html"):
-        _examine(page.text, openai.types.audio.Transcription, page, None)
+        _examine(page.text, Transcription, page, None)
 
 
 def test_an_error_event_in_a_stream_is_counted(server: FakeOpenAI) -> None:
