@@ -876,20 +876,8 @@ class RateLimiter:
     def __repr__(self) -> str:
         parts = []
         for model, entry in self.snapshot().items():
-            limits = []
-            for name, unit in (("requests", "rpm"), ("tokens", "tpm")):
-                text = f"{unit}={entry[f'{name}_limit']}"
-                if entry[f"{name}_source"] not in (None, CONFIGURED):
-                    text += f" ({entry[f'{name}_source']})"
-                text += f" level={_fmt(entry[f'{name}_level'])}"
-                if f"{name}_budget_limit" in entry:
-                    text += (
-                        f" budget={entry[f'{name}_budget_limit']:g}/{describe_window(entry[f'{name}_budget_window'])}"
-                        f" ({entry[f'{name}_budget_source']}) left={_fmt(entry[f'{name}_budget_level'])}"
-                    )
-                limits.append(text)
             parts.append(
-                f"{model}: {', '.join(limits)}, waiting={entry['waiting']:.0f}"
+                f"{model}: {_describe_limits(entry, levels=True)}, waiting={entry['waiting']:.0f}"
                 + (f", cost x{entry['cost_factor']:.2f}" if entry["cost_factor"] != 1.0 else "")
                 + (f", refunds {entry['refund_share']:.0%}" if entry["refund_share"] != 1.0 else "")
                 + (f", paused {entry['paused_for']:.2f}s" if entry["paused_for"] else "")
@@ -927,3 +915,22 @@ def _slice(left: float, cancel: Optional[threading.Event]) -> Optional[float]:
 
 def _fmt(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.1f}"
+
+
+def _describe_limits(entry: Mapping[str, Any], *, levels: bool) -> str:
+    """One model's limits in a repr, from its snapshot entry: each limit, where it came from, its level
+    (``levels``) and its long-window budget."""
+    limits = []
+    for name, unit in (("requests", "rpm"), ("tokens", "tpm")):
+        text = f"{unit}={entry[f'{name}_limit']}"
+        if entry[f"{name}_source"] not in (None, CONFIGURED):
+            text += f" ({entry[f'{name}_source']})"
+        if levels:
+            text += f" level={_fmt(entry[f'{name}_level'])}"
+        if f"{name}_budget_limit" in entry:
+            text += (
+                f" budget={entry[f'{name}_budget_limit']:g}/{describe_window(entry[f'{name}_budget_window'])}"
+                f" ({entry[f'{name}_budget_source']}) left={_fmt(entry[f'{name}_budget_level'])}"
+            )
+        limits.append(text)
+    return ", ".join(limits)

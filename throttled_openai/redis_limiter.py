@@ -50,6 +50,7 @@ from .limiter import (
     Limits,
     RateLimiter,
     Reservation,
+    _describe_limits,
     _KeyState,
     _server_full,
 )
@@ -851,9 +852,6 @@ class RedisRateLimiter(RateLimiter):
         last said its head may go; while Redis is down and it limits alone, its local buckets' levels and
         its share. Then ``shared``, ``local_only`` or ``unavailable``. Never the Redis password (only
         host, port and db) nor an API key (keys hold a hash of it, and are not shown)."""
-        from .errors import describe_window
-        from .limiter import CONFIGURED, _fmt
-
         entries = RateLimiter.snapshot(self)  # the process's own buckets: no Redis call
         now = self._clock()
         local = self.local_only
@@ -862,20 +860,8 @@ class RedisRateLimiter(RateLimiter):
         parts = []
         for model, entry in entries.items():
             ready, share = extras.get(model, (None, None))
-            limits = []
-            for name, unit in (("requests", "rpm"), ("tokens", "tpm")):
-                text = f"{unit}={entry[f'{name}_limit']}"
-                if entry[f"{name}_source"] not in (None, CONFIGURED):
-                    text += f" ({entry[f'{name}_source']})"
-                if local:  # in Redis mode the local buckets are not charged: their levels would mislead
-                    text += f" level={_fmt(entry[f'{name}_level'])}"
-                if f"{name}_budget_limit" in entry:
-                    text += (
-                        f" budget={entry[f'{name}_budget_limit']:g}/{describe_window(entry[f'{name}_budget_window'])}"
-                        f" ({entry[f'{name}_budget_source']}) left={_fmt(entry[f'{name}_budget_level'])}"
-                    )
-                limits.append(text)
-            text = f"{model}: {', '.join(limits)}, waiting={entry['waiting']:.0f}"
+            # In Redis mode the local buckets are not charged: their levels would mislead.
+            text = f"{model}: {_describe_limits(entry, levels=local)}, waiting={entry['waiting']:.0f}"
             if local and share is not None:
                 text += f", share {share[0]:.0%} of requests, {share[1]:.0%} of tokens"
             elif not local and ready is not None and ready > now:

@@ -285,12 +285,17 @@ class _Load:
             if self.encoding is None and not self.never and not self._reading and now >= self._check_at:
                 self._check_at = now + _DISK_RECHECK
                 self._plan(now)
-            while self._reading and self.encoding is None:
-                left = self._read_until - _clock()
-                if left <= 0:
-                    break
-                self._cond.wait(left)
+            self._wait_for_read()
             return self.encoding
+
+    def _wait_for_read(self) -> None:
+        """While another thread reads the encoding from disk, wait for it, as long as a read may take
+        (``_DISK_WAIT``) and no longer. Called with ``_cond`` held."""
+        while self._reading and self.encoding is None:
+            left = self._read_until - _clock()
+            if left <= 0:
+                return
+            self._cond.wait(left)
 
     def _plan(self, now: float) -> None:
         """Start reading it from disk if it is there, else downloading it if that is due (locked)."""
@@ -335,12 +340,8 @@ class _Load:
                     return self.encoding
                 self._reading = True
                 self._read_until = _clock() + _DISK_WAIT
-            else:  # another thread reads it: wait as long as a read from disk may take, no longer
-                while self._reading and self.encoding is None:
-                    left = self._read_until - _clock()
-                    if left <= 0:
-                        break
-                    self._cond.wait(left)
+            else:  # another thread reads it
+                self._wait_for_read()
                 return self.encoding
         self._read(files, fetch=False)
         return self.encoding
