@@ -398,6 +398,8 @@ def test_settling_follows_whether_the_server_refunds(refunds: bool) -> None:
             while time.monotonic() < deadline:
                 list(pool.map(call, range(16)))
         share = client.limiter.snapshot()["gpt-4o-mini"]["refund_share"]
-        rate_limited = server.stats()["rate_limited"]
+        rate_limited, requests = server.stats()["rate_limited"], server.stats()["requests"]
     assert share == (pytest.approx(1.0, abs=0.2) if refunds else pytest.approx(0.0, abs=0.2))
-    assert rate_limited <= 3
+    # Settling that ignored a server keeping estimates charged drew 22 % 429s; a loaded 2-core machine
+    # may add a few at the edges of the run: a bound in proportion, not a count.
+    assert rate_limited <= max(3, 0.03 * requests), (rate_limited, requests)
