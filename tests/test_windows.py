@@ -400,6 +400,7 @@ def test_settling_follows_whether_the_server_refunds(refunds: bool) -> None:
         share = client.limiter.snapshot()["gpt-4o-mini"]["refund_share"]
         rate_limited, requests = server.stats()["rate_limited"], server.stats()["requests"]
     assert share == (pytest.approx(1.0, abs=0.2) if refunds else pytest.approx(0.0, abs=0.2))
-    # Settling that ignored a server keeping estimates charged drew 22 % 429s; a loaded 2-core machine
-    # may add a few at the edges of the run: a bound in proportion, not a count.
-    assert rate_limited <= max(3, 0.03 * requests), (rate_limited, requests)
+    # Settling that ignored a server keeping estimates charged drew 22 % 429s. Until the share is learned
+    # (a few seconds) settling assumes refunds, so a slow run (52 requests on a loaded CI machine) may
+    # draw a few at its start: a bound well under the defect's rate, with room for that warm-up.
+    assert rate_limited <= max(6, 0.1 * requests), (rate_limited, requests)
