@@ -5,6 +5,7 @@ tokens-per-minute limiter, is retried by one :class:`Retry` policy, and is settl
 token usage. See README.md for the tour.
 """
 
+from .batch_api import BatchJob, BatchRequestError
 from .batching import IncompleteResponse
 from .client import ThrottledAzureClient, ThrottledClient
 from .errors import (
@@ -28,6 +29,8 @@ from .tokens import TokenCounter, estimate_cost
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchJob",
+    "BatchRequestError",
     "BulkError",
     "BulkInterrupted",
     "BulkTimeout",

@@ -91,13 +91,14 @@ def pack(
 def split_choices(choices: Sequence[Any], inputs: int, n: int = 1) -> List[Union[List[Any], IncompleteResponse]]:
     """For each of ``inputs`` inputs, its ``n`` answers ordered by sample, found by ``index``.
 
-    Answer ``j`` of input ``i`` has ``index == i * n + j``. An input with a missing, duplicated or
-    out-of-range index gets an :class:`IncompleteResponse` in its place.
+    Answer ``j`` of input ``i`` has ``index == i * n + j`` (an SDK object's attribute, or a dict's
+    key). An input with a missing, duplicated or out-of-range index gets an :class:`IncompleteResponse`
+    in its place.
     """
     found: List[List[Any]] = [[None] * n for _ in range(inputs)]
     broken = set()
     for choice in choices:
-        index = getattr(choice, "index", None)
+        index = choice.get("index") if isinstance(choice, dict) else getattr(choice, "index", None)
         if not isinstance(index, int) or not 0 <= index < inputs * n:
             # An index we cannot place spoils nothing we can name; the missing one will show.
             continue

@@ -61,7 +61,7 @@ from .context import current
 from .errors import Cancelled, MalformedResponse
 from .mapping import _about_one_input, _is_fatal, _Pool
 from .retry import Retry
-from .tokens import estimate_cost
+from .tokens import estimate_cost, usage_tokens
 
 __all__ = ["add_parser", "execute", "line_digest", "main"]
 
@@ -635,6 +635,7 @@ class Writer:
         self.ready: Dict[int, Result] = {}
         self.written = 0
         self.failed: Counter[str] = Counter()
+        self.tokens = 0  # the written results' usage
 
     def expect(self, line: int) -> None:
         if self.ordered:
@@ -663,6 +664,8 @@ class Writer:
         self.state[result.line] = None if result.error is None else str(result.error["type"])
         if result.error is not None:
             self.failed[str(result.error["type"])] += 1
+        elif result.response is not None:
+            self.tokens += usage_tokens(result.response.get("usage")) or 0
         if self.progress is not None:
             self.progress.update(1)
 
@@ -860,12 +863,49 @@ class Options:
     api_key: Optional[str] = None
     base_url: Optional[str] = None
     max_connection_failures: int = _DEFAULT_CONNECTION_FAILURES
+    batch_api: bool = False  # the Batch API route (batch_run.py); the options below are its own
+    queue_tokens: Optional[int] = None
+    fallback: str = "batch"
+    cancel: bool = False
+    poll_interval: float = 5.0
+    max_poll_interval: float = 60.0
+
+
+@dataclass
+class Prepared:
+    """A job ready to run, on either route: its output and what it holds, the input's scan, the client."""
+
+    output: Output
+    state: Dict[int, Optional[str]]  # line → None (done) or its error type: what the output holds
+    scan: InputScan
+    redo: Set[int]  # lines with a failed result to run again (--retry-failed)
+    client: ThrottledClient
+    resumed: bool
+    started: float
+    earlier: int  # lines a result from an earlier run stands for
+
+    def skip(self, line: int) -> bool:
+        """The line has a result that stands: it is not sent."""
+        return line in self.state and line not in self.redo
 
 
 def run(options: Options) -> int:
     """Run the job; return the exit code: 0 every line has a response, 1 some failed (or the job stopped
     early: an error every request would get, or a server that does not answer), 130 Ctrl-C. Raises
     :class:`UsageError` before anything is sent when the input or the output cannot be used."""
+    job = prepare(options)
+    if isinstance(job, int):
+        return job
+    if options.batch_api:
+        from .batch_run import run_batch
+
+        return run_batch(options, job)
+    return _run_sync(options, job)
+
+
+def prepare(options: Options) -> Union[Prepared, int]:
+    """Read the output and scan the input, make the client, open the output for appending; the exit code
+    instead when the input holds no request (an empty output is written). Raises :class:`UsageError`."""
     started = time.monotonic()
     output = Output(options.output, options.format)
     try:
@@ -895,14 +935,15 @@ def run(options: Options) -> int:
         notes.extend(_scan_notes(options, scan, state))
         print("\n".join(notes), file=sys.stderr)
         return 0
+    return Prepared(output, state, scan, redo, client, resumed, started, len(state) - len(redo))
 
-    def skip(line: int) -> bool:
-        return line in state and line not in redo
 
-    earlier = len(state) - len(redo)  # lines a result from an earlier run stands for
-    progress = _progress_bar(scan.records, earlier) if options.progress else None
+def _run_sync(options: Options, job: Prepared) -> int:
+    """The ordinary route: every request through the throttled client, on ``max_workers`` threads."""
+    output, state, scan, client = job.output, job.state, job.scan, job.client
+    progress = _progress_bar(scan.records, job.earlier) if options.progress else None
     writer = Writer(output, options.ordered, state, progress)
-    items = read_tasks(options.input, skip, options.endpoint, options.model)
+    items = read_tasks(options.input, job.skip, options.endpoint, options.model)
     interrupted = False
     stopped: Optional[Stop] = None
     with _CtrlC() as pressed:  # from here on, Ctrl-C never lands halfway through writing a result
@@ -916,9 +957,9 @@ def run(options: Options) -> int:
             output.close()
             if progress is not None:
                 progress.close()
-        if not interrupted and (output.untidy or (options.ordered and resumed and writer.written)):
+        if not interrupted and (output.untidy or (options.ordered and job.resumed and writer.written)):
             output.compact()
-        _summary(options, writer, client, earlier, time.monotonic() - started, interrupted, scan)
+        _summary(options, writer, client, job, interrupted)
         if stopped is not None:
             print(_stop_notice(stopped, client), file=sys.stderr)
             return 1
@@ -968,13 +1009,12 @@ def _summary(
     options: Options,
     writer: Writer,
     client: ThrottledClient,
-    earlier: int,
-    seconds: float,
+    job: Prepared,
     interrupted: bool,
-    scan: InputScan,
+    extra: Sequence[str] = (),
 ) -> None:
     """Print what happened on stderr: results, failures by reason, tokens, 429s, time, changed lines."""
-    state = writer.state
+    state, scan, earlier, seconds = writer.state, job.scan, job.earlier, time.monotonic() - job.started
     failed = Counter(error for error in state.values() if error is not None)
     stats = client.stats()
     reasons = ", ".join(f"{reason} {count}" for reason, count in failed.most_common()) or "none"
@@ -982,8 +1022,9 @@ def _summary(
         f"throttled-openai run: {'interrupted, ' if interrupted else ''}{len(state)} of {scan.records} lines have "
         f"a result in {options.output} ({writer.written} written now, {earlier} from earlier runs)",
         f"  done {len(state) - sum(failed.values())}, failed {sum(failed.values())} ({reasons})",
-        f"  tokens used {stats.tokens_used}, HTTP requests {stats.requests}, 429s {stats.total_429s}, "
-        f"time {seconds:.1f} s",
+        f"  tokens used {writer.tokens} (the results' usage), HTTP requests {stats.requests}, "
+        f"429s {stats.total_429s}, time {seconds:.1f} s",
+        *extra,
         *_scan_notes(options, scan, state),
     ]
     if failed and not options.retry_failed:
@@ -1036,6 +1077,12 @@ would get (no quota left, a rejected key, no permission), and when
 --max-connection-failures requests in a row (default {_DEFAULT_CONNECTION_FAILURES}) get no answer
 from the server at all.
 
+With --batch-api the same job goes through OpenAI's Batch API: half the
+price, its own limit pool, results within 24 hours. Batches are submitted as
+the model's batch queue allows, polled, and their results written as they
+come. Ctrl-C leaves the batches running: rerun the same command to collect
+them (the job is kept in OUTPUT.batch.json), or add --cancel to cancel them.
+
 Exit codes: 0 every line has a response; 1 some line failed, or the job
 stopped early; 2 usage error (nothing was sent); 130 interrupted (Ctrl-C).
 """
@@ -1070,6 +1117,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f" refused or dropped, timeouts (default {_DEFAULT_CONNECTION_FAILURES}; 0: never stop)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    batch = parser.add_argument_group(
+        "Batch API route", "send the job as OpenAI batches: half the price, results within 24 hours"
+    )
+    batch.add_argument(
+        "--batch-api",
+        action="store_true",
+        help="run the job through the Batch API; its state is kept in OUTPUT.batch.json, and rerunning the same"
+        " command collects the batches already created",
+    )
+    batch.add_argument(
+        "--queue-tokens",
+        type=int,
+        metavar="N",
+        help="each model's batch queue limit, in enqueued input tokens (default: learned when the queue refuses a"
+        " batch)",
+    )
+    batch.add_argument(
+        "--fallback",
+        choices=("batch", "sync"),
+        default="batch",
+        help="requests that expired or failed on the server's side: sent again in a new batch (default), or at"
+        " once through the rate-limited client at full price (sync)",
+    )
+    batch.add_argument(
+        "--cancel", action="store_true", help="cancel the job's running batches and collect what finished"
+    )
+    batch.add_argument(
+        "--poll-interval",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="seconds between polls at first; it grows by half while nothing changes (default 5)",
+    )
+    batch.add_argument(
+        "--max-poll-interval", type=float, default=60.0, metavar="S", help="longest wait between polls (default 60)"
+    )
     parser.add_argument("--api-key", help="API key (default: $OPENAI_API_KEY); never printed or written")
     parser.add_argument("--base-url", help="API base URL (default: $OPENAI_BASE_URL, else OpenAI's)")
 
@@ -1125,6 +1208,14 @@ def options_from(args: argparse.Namespace) -> Options:
         raise UsageError("--max-workers must be >= 1")
     if args.max_connection_failures < 0:
         raise UsageError("--max-connection-failures must be >= 0")
+    if (args.cancel or args.queue_tokens is not None or args.fallback != "batch") and not args.batch_api:
+        raise UsageError("--cancel, --queue-tokens and --fallback go with --batch-api")
+    if args.queue_tokens is not None and args.queue_tokens < 1:
+        raise UsageError("--queue-tokens must be >= 1")
+    if not (args.poll_interval > 0 and math.isfinite(args.poll_interval)):
+        raise UsageError("--poll-interval must be a finite number > 0")
+    if not (args.max_poll_interval >= args.poll_interval and math.isfinite(args.max_poll_interval)):
+        raise UsageError("--max-poll-interval must be a finite number >= --poll-interval")
     api_key = args.api_key or os.environ.get("OPENAI_API_KEY")
     if not api_key:
         raise UsageError("no API key: set OPENAI_API_KEY or pass --api-key")
@@ -1143,6 +1234,12 @@ def options_from(args: argparse.Namespace) -> Options:
         api_key=api_key,
         base_url=args.base_url or os.environ.get("OPENAI_BASE_URL") or None,
         max_connection_failures=args.max_connection_failures,
+        batch_api=args.batch_api,
+        queue_tokens=args.queue_tokens,
+        fallback=args.fallback,
+        cancel=args.cancel,
+        poll_interval=args.poll_interval,
+        max_poll_interval=args.max_poll_interval,
     )
 
 

@@ -596,29 +596,50 @@ def endpoint_of(path: str) -> Optional[str]:
     return None
 
 
-def estimate_cost(endpoint: Optional[str], body: Mapping[str, Any], counter: TokenCounter) -> int:
-    """Tokens a request may consume: input tokens + ``n`` (or ``best_of``) × the output-token cap."""
+def input_tokens(endpoint: Optional[str], body: Mapping[str, Any], counter: TokenCounter) -> int:
+    """Tokens of a request's input alone: the prompt, messages or input (and ``instructions``). What
+    the Batch API's queue limit counts ("enqueued prompt tokens")."""
     if endpoint is None:
         return 0
     model = body.get("model") if isinstance(body.get("model"), str) else None
-    samples = max(_int_field(body, "best_of") or 0, _int_field(body, "n") or 1, 1)
     if endpoint == "embeddings":
         return _prompt_tokens(body.get("input"), model, counter)[0]
     if endpoint == "completions":
-        tokens, prompts = _prompt_tokens(body.get("prompt", ""), model, counter)
-        cap = _int_field(body, "max_tokens")
-        return tokens + prompts * samples * (DEFAULT_MAX_OUTPUT_TOKENS["completions"] if cap is None else cap)
+        return _prompt_tokens(body.get("prompt", ""), model, counter)[0]
     if endpoint == "chat":
-        tokens = _messages_tokens(body.get("messages", ()), model, counter)
-        cap = _int_field(body, "max_completion_tokens", "max_tokens")
-        return tokens + samples * (DEFAULT_MAX_OUTPUT_TOKENS["chat"] if cap is None else cap)
+        return _messages_tokens(body.get("messages", ()), model, counter)
     # responses: `input` is a string or a list of messages / items; `instructions` is text too.
     raw = body.get("input", "")
     tokens = _messages_tokens(raw, model, counter) if isinstance(raw, list) else _prompt_tokens(raw, model, counter)[0]
     if isinstance(body.get("instructions"), str):
         tokens += _admitted(body["instructions"], model, counter)
+    return tokens
+
+
+def estimate_cost(endpoint: Optional[str], body: Mapping[str, Any], counter: TokenCounter) -> int:
+    """Tokens a request may consume: input tokens + ``n`` (or ``best_of``) × the output-token cap."""
+    tokens = input_tokens(endpoint, body, counter)
+    if endpoint is None or endpoint == "embeddings":
+        return tokens
+    samples = max(_int_field(body, "best_of") or 0, _int_field(body, "n") or 1, 1)
+    if endpoint == "completions":
+        prompts = _prompt_count(body.get("prompt", ""))
+        cap = _int_field(body, "max_tokens")
+        return tokens + prompts * samples * (DEFAULT_MAX_OUTPUT_TOKENS["completions"] if cap is None else cap)
+    if endpoint == "chat":
+        cap = _int_field(body, "max_completion_tokens", "max_tokens")
+        return tokens + samples * (DEFAULT_MAX_OUTPUT_TOKENS["chat"] if cap is None else cap)
     cap = _int_field(body, "max_output_tokens")
     return tokens + (DEFAULT_MAX_OUTPUT_TOKENS["responses"] if cap is None else cap)
+
+
+def _prompt_count(value: Any) -> int:
+    """Prompts in a ``prompt``: a list of strings or of token lists holds several, anything else one."""
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes, bytearray)):
+        if value and all(isinstance(item, int) for item in value):
+            return 1
+        return max(len(value), 1)
+    return 1
 
 
 def assumed_output_cap(endpoint: str, body: Mapping[str, Any]) -> Optional[int]:
