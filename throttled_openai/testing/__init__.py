@@ -19,6 +19,7 @@ The modules, each one idea, in the order they build on each other:
 - :mod:`.faults`: the injectable faults (:data:`FAULTS`) and what they do to a reply;
 - :mod:`.model`: token buckets, each (key, model) pair's buckets, a request's admission cost;
 - :mod:`.endpoints`: what each endpoint accepts and answers, streams included;
+- :mod:`.batches`: the Files and Batch APIs: uploads, and batches run in simulated time;
 - :mod:`.server`: the HTTP server and handler;
 - :mod:`.fake`: :class:`FakeOpenAI`, which ties them together: settings, routing, admission;
 - :mod:`.redis_server`: :class:`RedisServer`, a throwaway ``redis-server``.
@@ -27,6 +28,7 @@ The modules, each one idea, in the order they build on each other:
 # The public names are in __all__.  The private ones ("name as name": an explicit re-export) keep
 # importing from here as they did when this package was one module; new code should import them
 # from their module.
+from .batches import BATCH_FAULTS, BATCH_PHASES
 from .counting import _count_cached as _count_cached
 from .counting import _encoder as _encoder
 from .counting import count_tokens
@@ -69,4 +71,4 @@ from .replies import _Reply as _Reply
 from .server import _Handler as _Handler
 from .server import _Server as _Server
 
-__all__ = ["COST_MODELS", "FAULTS", "FakeOpenAI", "RedisServer", "count_tokens"]
+__all__ = ["BATCH_FAULTS", "BATCH_PHASES", "COST_MODELS", "FAULTS", "FakeOpenAI", "RedisServer", "count_tokens"]

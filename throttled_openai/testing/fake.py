@@ -14,6 +14,7 @@ import time
 import urllib.parse
 from typing import Any, Collection, Deque, Dict, List, Mapping, Optional, Set, Tuple, Union
 
+from .batches import BATCH_FAULTS, BATCH_PHASES, _batch_call, _Batches, _Call, _fault_reply, _Settings
 from .counting import _encoder
 from .endpoints import _JOBS, _BadRequest, _Env
 from .faults import _FAULT_RETRY_S, _REJECTING_FAULTS, FAULTS, _after_admission, _proxy_page
@@ -60,6 +61,23 @@ class FakeOpenAI:
     OpenAI's, with ``x-ratelimit-*`` headers, ``retry-after`` and the exact "try again in",
     naming the bucket that needs the longest wait.  A cost above a whole token limit (TPM or
     TPD) gets "Request too large", which no wait can cure.
+
+    It also serves the Files API (``/v1/files``: upload, list, retrieve, content, delete) and
+    the Batch API (``/v1/batches``: create, list, retrieve, cancel), as :mod:`.batches`
+    describes.  A batch is ``validating`` for ``batch_validation_seconds``, then ``failed``
+    (bad input lines, or over ``batch_queue_tokens``) or ``in_progress``, running
+    ``batch_speed`` request lines per second through the same handlers as the synchronous
+    endpoints, then ``finalizing`` for ``batch_finalizing_seconds``, then ``completed`` with an
+    output file (successes) and an error file (per-request 400s and 500s), each in shuffled
+    order with ``shuffle``.  Unfinished ``batch_window_seconds`` after creation, it is
+    ``expired`` (each line not run gets a ``batch_expired`` error line); cancelled, it is
+    ``cancelling`` for ``batch_finalizing_seconds``, then ``cancelled`` (lines not run are in
+    neither file).  Time is simulated lazily: each Files/Batch API call (and :meth:`batches`,
+    :meth:`file_content`, :meth:`stats`) first brings every batch up to ``time.monotonic()``,
+    so nothing happens between calls and no thread runs in the background.  These calls need
+    an API key like any other, are never rate limited, and take only the faults of
+    :data:`.batches.BATCH_FAULTS` (see :meth:`inject` for faults aimed at one call, before or
+    after it is carried out).
 
     Args (keyword-only):
         rpm, tpm: requests / tokens per minute for every (api key, model) pair; None = unlimited
@@ -113,6 +131,24 @@ class FakeOpenAI:
         extra_429_headers: headers added to every rate-limit 429 (refusals and the injected
             ``"429"`` fault, not "Request too large", quota or ``"429_message_only"``),
             replacing same-named ones (case-insensitive), e.g. ``{"retry-after-ms": "0"}``.
+        batch_speed: request lines each ``in_progress`` batch runs per second, every batch at
+            that speed at once (1000: 50,000 lines take 50 s; ``math.inf``: all lines at the
+            first call after validation).  0 holds every batch where it is.  Settable while
+            running: :attr:`batch_speed`.
+        batch_validation_seconds: seconds a new batch stays ``validating``.
+        batch_finalizing_seconds: seconds a batch stays ``finalizing`` (and ``cancelling``).
+        batch_window_seconds: seconds after its creation at which a batch not yet
+            ``finalizing`` becomes ``expired`` (the real window: 24 h, 86,400 s).  The Batch
+            object's ``expires_at`` is ``created_at`` + this, rounded up.
+        batch_queue_tokens: enqueued-token limit per (api key, model): a batch whose input tokens
+            (the admission cost's input part, by ``cost_model``; never ``max_tokens``), with
+            those of the key's batches of that model that passed validation and have not ended
+            (``in_progress``, ``finalizing``, ``cancelling``), exceed it ends its validation
+            ``failed`` with ``token_limit_exceeded``, as the real service reports it
+            (asynchronously: create never refuses it).  None = no limit.
+        batch_error_rate: probability (0..1, drawn per request line from a generator seeded
+            with ``seed``) that a batch request line that would succeed fails with a 500
+            ``server_error`` in the error file instead.
         api_keys: accepted keys; other keys get 401 ``invalid_api_key`` (the key is masked in the
             message).  A request without a key always gets 401.
         fault_rates: fault name -> probability per API request (see :data:`FAULTS`), drawn from
@@ -154,6 +190,12 @@ class FakeOpenAI:
         message_used: bool = True,
         integer_resets: bool = False,
         extra_429_headers: Optional[Mapping[str, str]] = None,
+        batch_speed: float = 1000.0,
+        batch_validation_seconds: float = 0.05,
+        batch_finalizing_seconds: float = 0.05,
+        batch_window_seconds: float = 86_400.0,
+        batch_queue_tokens: Optional[int] = None,
+        batch_error_rate: float = 0.0,
         host: str = "127.0.0.1",
         port: int = 0,
         log_size: int = 10_000,
@@ -170,6 +212,14 @@ class FakeOpenAI:
             raise ValueError(f"unknown headers_report {headers_report!r}; expected 'minute' or 'day'")
         if latency < 0 or latency_jitter < 0 or slow_seconds < 0:
             raise ValueError("latency, latency_jitter and slow_seconds must be >= 0")
+        if not (batch_validation_seconds >= 0 and batch_finalizing_seconds >= 0 and batch_window_seconds > 0):
+            raise ValueError(
+                "batch_validation_seconds and batch_finalizing_seconds must be >= 0, batch_window_seconds > 0"
+            )
+        if batch_queue_tokens is not None and not batch_queue_tokens > 0:
+            raise ValueError(f"batch_queue_tokens must be positive or None, got {batch_queue_tokens!r}")
+        if not 0.0 <= batch_error_rate <= 1.0:
+            raise ValueError(f"batch_error_rate must be between 0 and 1, got {batch_error_rate!r}")
         self._default_limits: Tuple[Optional[float], Optional[float]] = (rpm, tpm)
         self._limits = dict(limits or {})
         self._bucket_seconds = float(bucket_seconds)
@@ -203,13 +253,27 @@ class FakeOpenAI:
         self._rng = random.Random(seed)
         self._pairs: Dict[Tuple[str, str], _Pair] = {}
         self._spent: Dict[str, int] = {}
-        self._faults: List[List[Any]] = []  # [fault, remaining count, path suffix or None]
+        # [fault, remaining count, path suffix or None, Batch API phase or None, after]
+        self._faults: List[List[Any]] = []
         counters = ["requests", "admitted", "rate_limited", "too_large", "quota", "faults", "bad_requests"]
         self._stats = dict.fromkeys([*counters, "tokens_admitted", "tokens_charged", "tokens_used"], 0)
         self._admitted: Deque[Tuple[float, str, int]] = collections.deque(maxlen=log_size)
         self._requests: Deque[JSONDict] = collections.deque(maxlen=log_size)
         self._ids = itertools.count(1)
         self._env = _Env(completion_tokens, context_length, self._ids.__next__, self._shuffled)
+        batch_settings = _Settings(
+            validation_s=float(batch_validation_seconds),
+            finalizing_s=float(batch_finalizing_seconds),
+            window_s=float(batch_window_seconds),
+            queue_tokens=batch_queue_tokens,
+            error_rate=float(batch_error_rate),
+            shuffle=shuffle,
+            cost_model=cost_model,
+            completion_tokens=completion_tokens,
+            context_length=context_length,
+        )
+        self._batches = _Batches(batch_settings, 0.0, seed, self._ids.__next__)
+        self._batches.set_speed(batch_speed)  # checks it
 
         self._server: Optional[_Server] = None
         self._thread: Optional[threading.Thread] = None
@@ -284,21 +348,44 @@ class FakeOpenAI:
         if fault not in FAULTS:
             raise ValueError(f"unknown fault {fault!r}; expected one of {sorted(FAULTS)}")
 
-    def inject(self, fault: str, count: int = 1, *, path: Optional[str] = None) -> None:
+    def inject(
+        self,
+        fault: str,
+        count: int = 1,
+        *,
+        path: Optional[str] = None,
+        phase: Optional[str] = None,
+        after: bool = False,
+    ) -> None:
         """Make the next ``count`` API requests (whose path ends with ``path``, if given) fail.
 
         ``fault`` is one of :data:`FAULTS`.  Queued faults are used in order before
-        ``fault_rates`` are consulted.
+        ``fault_rates`` are consulted.  Files/Batch API requests take only the faults of
+        :data:`.batches.BATCH_FAULTS`; a queued fault they cannot take waits for a request
+        that can.
+
+        ``phase`` (one of :data:`.batches.BATCH_PHASES`, e.g. "create" for ``POST
+        /v1/batches``) limits the fault to that Files/Batch API call.  ``after=True`` (Files/Batch
+        API calls only, so it needs ``phase``) carries the call out first and then replaces its
+        reply by the fault: ``inject("500", phase="create", after=True)`` creates the batch and
+        answers 500 (with "drop", the connection closes without a reply), as when a real
+        reply is lost on its way back, which is how a retrying client makes duplicate batches.
         """
         self._check_fault(fault)
+        if phase is not None and phase not in BATCH_PHASES:
+            raise ValueError(f"unknown phase {phase!r}; expected one of {sorted(BATCH_PHASES)}")
+        if after and phase is None:
+            raise ValueError("after=True needs a phase")
+        if phase is not None and fault not in BATCH_FAULTS:
+            raise ValueError(f"fault {fault!r} cannot happen on the Batch API; expected one of {sorted(BATCH_FAULTS)}")
         if count > 0:
             with self._lock:
-                self._faults.append([fault, count, path])
+                self._faults.append([fault, count, path, phase, after])
 
     def _pick_fault(self, path: str) -> str:
         """Called under the lock."""
         for entry in self._faults:
-            if entry[2] is None or path.endswith(entry[2]):
+            if entry[3] is None and (entry[2] is None or path.endswith(entry[2])):
                 entry[1] -= 1
                 if entry[1] <= 0:
                     self._faults.remove(entry)
@@ -311,6 +398,25 @@ class FakeOpenAI:
                     return fault
         return ""
 
+    def _pick_batch_fault(self, path: str, phase: str) -> Tuple[str, bool]:
+        """(fault or "", after) for a Files/Batch API call; called under the lock."""
+        for entry in self._faults:
+            fault, _, suffix, entry_phase, after = entry
+            if entry_phase not in (None, phase) or (suffix is not None and not path.endswith(suffix)):
+                continue
+            if fault in BATCH_FAULTS:
+                entry[1] -= 1
+                if entry[1] <= 0:
+                    self._faults.remove(entry)
+                return str(fault), bool(after)
+        if self._fault_rates:
+            u = self._rng.random()
+            for fault, p in self._fault_rates:
+                u -= p
+                if u < 0:
+                    return (fault if fault in BATCH_FAULTS else ""), False
+        return "", False
+
     # ----------------------------------------------------------------- observability
 
     def stats(self) -> Dict[str, int]:
@@ -320,12 +426,20 @@ class FakeOpenAI:
         ``tokens_admitted`` (admission costs, in ``cost_model`` units), ``tokens_charged``
         (what the token buckets keep: admission costs minus settlement refunds; equals
         ``tokens_used`` once all settled with ``settle_usage``) and ``tokens_used`` (reported
-        ``usage`` totals).  Throughput in the server's units: ``tokens_charged`` / seconds."""
+        ``usage`` totals).  Throughput in the server's units: ``tokens_charged`` / seconds.
+
+        The Batch API's: ``files_uploaded`` (``POST /v1/files`` that succeeded),
+        ``batches_created``, ``batch_lines`` (batch request lines run: succeeded, or failed with
+        a 400 or 500; not those that expired or were never run) and ``batch_tokens_used``
+        (``usage`` totals of the lines that succeeded).  Batch API calls count in ``requests``,
+        ``faults`` and ``bad_requests`` (400 and 404), never in the other counters."""
+        batch_stats = self._batches.stats()
         with self._lock:
-            return dict(self._stats)
+            return {**self._stats, **batch_stats}
 
     def reset_stats(self) -> None:
         """Zero the counters and clear both logs; buckets and quota are left as they are."""
+        self._batches.reset_stats()
         with self._lock:
             for name in self._stats:
                 self._stats[name] = 0
@@ -345,6 +459,26 @@ class FakeOpenAI:
         ``body`` (parsed JSON or None) and ``headers`` (lower-case, without credentials)."""
         with self._lock:
             return collections.deque(self._requests, maxlen=self._log_size)
+
+    def batches(self) -> List[JSONDict]:
+        """Snapshot of every batch, oldest first, as the Batch objects ``GET /v1/batches/{id}``
+        would return now."""
+        return self._batches.snapshot()
+
+    def file_content(self, file_id: str) -> bytes:
+        """The content of a file (uploaded, or a batch's output or error file); KeyError when
+        there is no such file (never uploaded, or deleted)."""
+        return self._batches.file_content(file_id)
+
+    @property
+    def batch_speed(self) -> float:
+        """Request lines each ``in_progress`` batch runs per second; settable while the server
+        runs (0 holds every batch where it is; batches first run up to now at the old speed)."""
+        return self._batches.speed
+
+    @batch_speed.setter
+    def batch_speed(self, speed: float) -> None:
+        self._batches.set_speed(speed)
 
     def max_admitted_in_window(self, window_s: float, model: Optional[str] = None) -> Tuple[int, int]:
         """Most requests and most tokens (admission costs) admitted in any window of ``window_s``
@@ -379,6 +513,9 @@ class FakeOpenAI:
             self._stats["requests"] += 1
             self._requests.append({"path": path, "method": method, "body": body, "headers": logged})
 
+        call = _batch_call(method, path)
+        if call is not None:
+            return self._batch_request(call, target, headers, raw)
         route = self._route(method, path)
         if route is None:
             return self._bad(404, _error(f"Invalid URL ({method} {path})", "invalid_request_error"))
@@ -405,6 +542,30 @@ class FakeOpenAI:
             return self._bad(400, _error(exc.message, "invalid_request_error", param=exc.param))
         job.cost = _admission_cost(self._cost_model, job, raw)
         return self._admit(key, path, job)
+
+    def _batch_request(self, call: _Call, target: str, headers: Dict[str, str], raw: bytes) -> _Reply:
+        """A Files/Batch API call: authentication, a fault before or after it, the call itself.
+        Never rate limited."""
+        key = self._auth(headers)
+        if isinstance(key, _Reply):
+            return key
+        with self._lock:
+            fault, after = self._pick_batch_fault(target.split("?", 1)[0], call.phase)
+            if fault:
+                self._stats["faults"] += 1
+        headers_out = [("x-request-id", self._request_id())]
+        if fault and not after and fault not in ("slow", "truncate"):
+            return _fault_reply(fault, headers_out, self._retry_headers(_FAULT_RETRY_S))
+        reply = self._batches.handle(call, target, headers, raw, key)
+        reply.headers = headers_out + reply.headers
+        if reply.status in (400, 404):
+            with self._lock:
+                self._stats["bad_requests"] += 1
+        if fault in ("slow", "truncate"):
+            reply.action = fault
+        elif fault:
+            reply = _fault_reply(fault, headers_out, self._retry_headers(_FAULT_RETRY_S))
+        return reply
 
     @staticmethod
     def _route(method: str, path: str) -> Optional[Tuple[str, Optional[str]]]:
