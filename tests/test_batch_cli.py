@@ -162,7 +162,7 @@ def environment() -> Dict[str, str]:
     return env
 
 
-def wait_for_request(server: FakeOpenAI, child: "subprocess.Popen[Any]", method: str, path: str) -> None:
+def wait_for_request(server: FakeOpenAI, child: subprocess.Popen[Any], method: str, path: str) -> None:
     """Until the server has received ``method path`` (a regular expression)."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

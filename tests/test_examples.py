@@ -21,6 +21,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
         "embed_csv_column.py",
         "chat_classification.py",
         "legacy_script.py",
+        "batch_job.py",
     ],
 )
 def test_example_runs(name: str) -> None:
@@ -29,7 +30,9 @@ def test_example_runs(name: str) -> None:
         [sys.executable, str(EXAMPLES / name)], capture_output=True, text=True, timeout=120, env=env, check=False
     )
     assert out.returncode == 0, out.stderr
-    assert any(word in out.stdout for word in ("429s", "StatsSnapshot", "wrote 1000 embeddings"))
+    assert any(
+        word in out.stdout for word in ("429s", "StatsSnapshot", "wrote 1000 embeddings", "500 answers, 0 failed")
+    )
 
 
 def test_demo_command_runs() -> None:
