@@ -261,3 +261,30 @@ def test_the_api_key_is_not_in_the_state_files(server: FakeOpenAI, tmp_path: Pat
     written = [p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()]
     assert written and not any(b"batch-secret" in data for data in written)
     assert "batch-secret" not in repr(job)
+
+
+def test_lines_the_batch_api_rejects_get_errors_naming_the_reason_and_the_rest_runs(tmp_path: Path) -> None:
+    def reject(body: Any) -> Any:
+        return "this model cannot run in a batch today" if body["messages"][0]["content"] == "question 3" else None
+
+    with fake(batch_reject=reject) as server:
+        job = client_for(server).batch_chat_completions(
+            conversations(10), model=CHAT, state=str(tmp_path / "j"), **FAST
+        )
+        results = job.wait().results(return_exceptions=True)
+        error = results[3]
+        assert isinstance(error, BatchRequestError) and error.type == "batch_rejected"
+        assert "invalid_request: this model cannot run in a batch today" in str(error)
+        assert [r.choices[0].message.content for i, r in enumerate(results) if i != 3] == [
+            f"echo:question {i}#0" for i in range(10) if i != 3
+        ]
+        assert [b["status"] for b in server.batches()] == ["failed", "completed"]
+
+
+def test_a_batch_rejected_as_a_whole_fails_every_input_with_the_reason(tmp_path: Path) -> None:
+    with fake() as server:
+        server.inject("400", phase="create")  # refused: never created, and never will be
+        job = client_for(server).batch_chat_completions(conversations(4), model=CHAT, state=str(tmp_path / "j"), **FAST)
+        results = job.wait().results(return_exceptions=True)
+        assert all(isinstance(r, BatchRequestError) and r.type == "batch_rejected" and r.status == 400 for r in results)
+        assert server.stats()["batches_created"] == 0

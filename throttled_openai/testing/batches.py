@@ -229,6 +229,7 @@ class _Settings:
     cost_model: str
     completion_tokens: int
     context_length: Optional[int]
+    reject: Optional[Callable[[JSONDict], Optional[str]]] = None
 
 
 class _Batches:
@@ -567,6 +568,9 @@ class _Batches:
                     msg = (f"The model '{model}' of this request does not match the model '{b.model}' of the "
                            "batch's other requests; a batch takes requests to a single model.")  # fmt: skip
                     problem = _batch_error("model_mismatch", msg, "body.model", n)
+            rejected = self._settings.reject(request["body"]) if problem is None and self._settings.reject else None
+            if rejected:
+                problem = _batch_error("invalid_request", rejected, "body", n)
             if problem is not None:
                 errors.append(problem)
             elif not errors:

@@ -12,7 +12,7 @@ import socket
 import threading
 import time
 import urllib.parse
-from typing import Any, Collection, Deque, Dict, List, Mapping, Optional, Set, Tuple, Union
+from typing import Any, Callable, Collection, Deque, Dict, List, Mapping, Optional, Set, Tuple, Union
 
 from .batches import BATCH_FAULTS, BATCH_PHASES, _batch_call, _Batches, _Call, _fault_reply, _Settings
 from .counting import _encoder
@@ -149,6 +149,10 @@ class FakeOpenAI:
         batch_error_rate: probability (0..1, drawn per request line from a generator seeded
             with ``seed``) that a batch request line that would succeed fails with a 500
             ``server_error`` in the error file instead.
+        batch_reject: a check of the test's own, standing for the validation rules of the real
+            service the fake does not model: given each request line's ``body``, a message to
+            fail the batch's validation with for that line (code ``invalid_request``, its
+            1-based ``line``), or None to let it pass.
         api_keys: accepted keys; other keys get 401 ``invalid_api_key`` (the key is masked in the
             message).  A request without a key always gets 401.
         fault_rates: fault name -> probability per API request (see :data:`FAULTS`), drawn from
@@ -196,6 +200,7 @@ class FakeOpenAI:
         batch_window_seconds: float = 86_400.0,
         batch_queue_tokens: Optional[int] = None,
         batch_error_rate: float = 0.0,
+        batch_reject: Optional[Callable[[JSONDict], Optional[str]]] = None,
         host: str = "127.0.0.1",
         port: int = 0,
         log_size: int = 10_000,
@@ -271,6 +276,7 @@ class FakeOpenAI:
             cost_model=cost_model,
             completion_tokens=completion_tokens,
             context_length=context_length,
+            reject=batch_reject,
         )
         self._batches = _Batches(batch_settings, 0.0, seed, self._ids.__next__)
         self._batches.set_speed(batch_speed)  # checks it
