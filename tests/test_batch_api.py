@@ -288,3 +288,33 @@ def test_a_batch_rejected_as_a_whole_fails_every_input_with_the_reason(tmp_path:
         results = job.wait().results(return_exceptions=True)
         assert all(isinstance(r, BatchRequestError) and r.type == "batch_rejected" and r.status == 400 for r in results)
         assert server.stats()["batches_created"] == 0
+
+
+def test_chunks_stay_within_the_file_size_and_embedding_input_limits(
+    server: FakeOpenAI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from throttled_openai import batch_api
+
+    monkeypatch.setattr(batch_api, "MAX_BATCH_FILE_BYTES", 3000)
+    job = client_for(server).batch_chat_completions(conversations(60), model=CHAT, state=str(tmp_path / "c"), **FAST)
+    sizes = [chunk.size for chunk in job._chunks]
+    assert len(sizes) > 3 and max(sizes) <= 3000 and sum(chunk.keys for chunk in job._chunks) == 60
+    assert len(job.wait().results()) == 60
+    monkeypatch.setattr(batch_api, "MAX_EMBEDDING_INPUTS_PER_BATCH", 250)
+    inputs = [f"text {i}" for i in range(700)]
+    vectors = client_for(server).batch_embeddings(
+        inputs, model="text-embedding-3-small", state=str(tmp_path / "e"), **FAST
+    )
+    assert [chunk.keys for chunk in vectors._chunks] == [200, 200, 200, 100]  # whole requests of 100 inputs
+    assert len(vectors.wait().results()) == 700
+
+
+def test_polling_backs_off_while_nothing_changes(server: FakeOpenAI, tmp_path: Path) -> None:
+    server.batch_speed = 0
+    job = client_for(server).batch_chat_completions(
+        conversations(3), model=CHAT, state=str(tmp_path / "j"), poll_interval=0.02, max_poll_interval=0.5
+    )
+    with pytest.raises(TimeoutError):
+        job.wait(timeout=1.5)
+    polls = sum(1 for e in server.requests_log if e["method"] == "GET" and e["path"].startswith("/v1/batches/"))
+    assert 3 <= polls <= 15  # at a steady 0.02 s: 75

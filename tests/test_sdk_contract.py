@@ -15,6 +15,9 @@ throttling would silently stop working: fix client.py before anything else.
 - ``openai.APIResponseValidationError(response, body, message=)``, the base of ``MalformedResponse``.
 - ``openai.DefaultHttpxClient`` can be subclassed (the client's own HTTP client closes itself).
 - Each ``create`` the bulk helpers call has a signature naming the arguments it takes.
+- The Batch API route: ``files.create(file=(name, data, type), purpose=)``, ``batches.create``,
+  ``retrieve``, ``list`` (auto-paging), ``cancel``, ``files.with_streaming_response.content`` read with
+  ``iter_bytes()``, and ``construct()`` to build ``ChatCompletion`` / ``CompletionChoice`` from dicts.
 """
 
 from __future__ import annotations
@@ -130,3 +133,42 @@ def test_bulk_create_methods_name_their_arguments() -> None:
         assert names <= set(parameters), f"{create} lost {names - set(parameters)}"
         assert not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
     client.close()
+
+
+def test_the_batch_and_files_surfaces_the_batch_api_route_uses() -> None:
+    """batch_api.py calls these, by these names; the files' content is read in blocks."""
+    for method, names in [
+        (openai.resources.Batches.create, {"input_file_id", "endpoint", "completion_window", "metadata"}),
+        (openai.resources.Batches.list, {"after", "limit"}),
+        (openai.resources.Files.create, {"file", "purpose"}),
+    ]:
+        assert names <= set(inspect.signature(method).parameters), method
+    with FakeOpenAI(batch_speed=1000, batch_validation_seconds=0.01, batch_finalizing_seconds=0.01) as server:
+        client = ThrottledClient(base_url=server.base_url, api_key="sk-test")
+        line = b'{"custom_id": "a", "method": "POST", "url": "/v1/embeddings", "body": {"model": "m", "input": "x"}}\n'
+        uploaded = client.files.create(file=("in.jsonl", line, "application/jsonl"), purpose="batch")
+        batch = client.with_options(max_retries=0).batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="24h", metadata={"k": "v"}
+        )
+        assert [b.id for b in client.batches.list(limit=100)] == [batch.id] and batch.metadata == {"k": "v"}
+        while batch.status not in ("completed", "failed"):
+            batch = client.batches.retrieve(batch.id)
+            counts = batch.request_counts
+        assert batch.status == "completed" and counts is not None and counts.completed == 1
+        assert batch.errors is None and batch.output_file_id
+        with client.files.with_streaming_response.content(batch.output_file_id) as response:
+            data = b"".join(response.iter_bytes())
+        assert b'"custom_id":"a"' in data.replace(b" ", b"")
+
+
+def test_sdk_models_build_from_a_dict_with_construct() -> None:
+    """BatchJob.results() turns response bodies into the types map_* gives, nested models included."""
+    from openai.types import CompletionChoice
+    from openai.types.chat import ChatCompletion
+
+    body = {"id": "x", "object": "chat.completion", "created": 1, "model": "m", "choices": [
+        {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "hi"}}]}  # fmt: skip
+    completion = ChatCompletion.construct(**body)
+    assert completion.choices[0].message.content == "hi"
+    choice = CompletionChoice.construct(index=0, text="t", finish_reason="stop", logprobs=None)
+    assert choice.text == "t"
