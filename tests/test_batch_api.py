@@ -318,3 +318,23 @@ def test_polling_backs_off_while_nothing_changes(server: FakeOpenAI, tmp_path: P
         job.wait(timeout=1.5)
     polls = sum(1 for e in server.requests_log if e["method"] == "GET" and e["path"].startswith("/v1/batches/"))
     assert 3 <= polls <= 15  # at a steady 0.02 s: 75
+
+
+def test_a_request_larger_than_the_whole_queue_fails_instead_of_waiting_forever(tmp_path: Path) -> None:
+    with fake(batch_queue_tokens=5) as server:  # each conversation holds ~9 input tokens
+        job = client_for(server).batch_chat_completions(conversations(2), model=CHAT, state=str(tmp_path / "j"), **FAST)
+        results = job.wait(timeout=60).results(return_exceptions=True)
+        assert all(
+            isinstance(r, BatchRequestError) and "exceed the model's batch queue limit of 5" in str(r) for r in results
+        )
+        assert server.stats()["batch_lines"] == 0
+
+
+def test_a_rejected_key_stops_the_job_instead_of_failing_its_inputs(tmp_path: Path) -> None:
+    import openai
+
+    with fake(api_keys=["sk-only-this"]) as server:
+        refused = ThrottledClient(base_url=server.base_url, api_key="sk-not-it")
+        with pytest.raises(openai.AuthenticationError):
+            refused.batch_chat_completions(conversations(2), model=CHAT, state=str(tmp_path / "k"), **FAST)
+        assert server.stats()["batches_created"] == 0

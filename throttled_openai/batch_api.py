@@ -78,8 +78,10 @@ _STATE_FORMAT = "throttled_openai.batch/1"
 _DEFAULT_MAX_ROUNDS = 4
 # Batch API phases (upload, create, retrieve, download) that failed in a row before the job gives up.
 _MAX_PHASE_FAILURES = 10
-# The longest a chunk refused by the queue, with none of the job's batches running, waits to try again.
+# The longest a chunk refused by the queue, with none of the job's batches running, waits to try again;
+# and how often one request is refused so before it fails (other jobs may hold the queue for hours).
 _MAX_QUEUE_RETRY_S = 600.0
+_MAX_QUEUE_REFUSALS = 12
 
 
 class BatchRequestError(ThrottledOpenAIError):
@@ -477,7 +479,10 @@ class BatchJob:
                 metadata=self._metadata(chunk),
             )
         except openai.APIStatusError as error:
-            if not Retry.classify(error)[1]:  # refused, so certainly not created: never will be
+            kind, retryable, _ = Retry.classify(error)
+            if kind == "quota" or error.status_code in (401, 403):  # every call would fail so: the job stops
+                raise
+            if not retryable:  # refused, so certainly not created: never will be
                 self._reject(chunk, f"batches.create refused the chunk: {error}", error.status_code)
                 return
             if self._adopt([chunk]):
@@ -576,6 +581,13 @@ class BatchJob:
         if not running:
             refusals = int(self._state.setdefault("refusals", {}).get(str(chunk.n), 0)) + 1
             self._state["refusals"][str(chunk.n)] = refusals
+            limit = self._queue_limit(chunk.model, "token")
+            if (limit is not None and chunk.tokens > limit) or refusals > _MAX_QUEUE_REFUSALS:
+                reason = f"the model's batch queue refused it {refusals} times, with none of this job's batches running"
+                if limit is not None and chunk.tokens > limit:
+                    reason = f"its ~{chunk.tokens:,} input tokens exceed the model's batch queue limit of {limit:,}"
+                self._reject(chunk, f"queue_limit: {reason}", None)
+                return
             chunk.retry_at = time.time() + min(_MAX_QUEUE_RETRY_S, self.poll_interval * 2**refusals)
             chunk.note = "the model's batch queue refused it with none of this job's batches running: tries later"
         self._save()
@@ -746,15 +758,16 @@ class BatchJob:
     ) -> None:
         """Write the chunk's results, put what is left into new chunks (or send it now, with the sync
         fallback), and mark the chunk done, in one state write."""
-        if again and self.fallback == "sync" and not why.startswith("split"):
+        if again and self.fallback == "sync" and extra is None:
             results = results + self._send_sync(chunk, [request for request, _ in again])
             again = []
         replace_file(self._store.file(chunk.n, "results"), b"".join(result.encode() for result in results))
         chunk.results = len(results)
         new: List[Chunk] = []
+        split = extra is not None  # halves of a chunk the queue refused: not a round of resubmission
         for group in (again, extra or []):
             if group:
-                new.extend(self._replan(chunk, group))
+                new.extend(self._replan(chunk, group, chunk.round if split else chunk.round + 1))
         if self.on_results is not None:  # before the chunk is marked done: a crash here delivers again
             self.on_results(chunk, iter(results))
         chunk.phase = "done"
@@ -765,9 +778,9 @@ class BatchJob:
         spent = ["output", "errors", "sync"] + ([] if self._keep_results else ["input", "keys", "results"])
         self._store.remove(*(self._store.file(chunk.n, what) for what in spent))
 
-    def _replan(self, chunk: Chunk, requests: List[Tuple[_Request, bool]]) -> List[Chunk]:
-        """New chunks (next round) for requests to send again; ``alone``: each input on its own."""
-        planner = _Planner(self, chunk.round + 1)
+    def _replan(self, chunk: Chunk, requests: List[Tuple[_Request, bool]], round: int) -> List[Chunk]:
+        """New chunks (of ``round``) for requests to send again; ``alone``: each input on its own."""
+        planner = _Planner(self, round)
         field_name = _shared_field(chunk.url)
         try:
             for request, alone in requests:
@@ -845,7 +858,12 @@ class BatchJob:
         creating = [chunk for chunk in self._chunks if chunk.phase == "creating"]
         if creating and not self._adopt(creating):
             for chunk in creating:
-                if chunk.phase == "creating":
+                if chunk.phase != "creating":
+                    continue
+                if self._state.get("cancelled"):  # no batch was made for it: none will be
+                    chunk.phase, chunk.note = "done", "cancelled before it was submitted"
+                    self._save()
+                else:
                     self._create(chunk)
             changed = True
         for chunk in list(self._chunks):
@@ -924,6 +942,9 @@ class BatchJob:
         error in :meth:`results`)."""
         self._state["cancelled"] = True
         self._save()
+        creating = [chunk for chunk in self._chunks if chunk.phase == "creating"]
+        if creating:  # a batch may exist for them: cancel it too (the rest are settled by wait())
+            self._adopt(creating)
         for chunk in self._chunks:
             if chunk.phase == "submitted" and chunk.status not in TERMINAL and chunk.status != "cancelling":
                 try:
