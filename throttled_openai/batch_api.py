@@ -633,28 +633,31 @@ class BatchJob:
         return found
 
     def _read_settled(self, chunk: Chunk) -> None:
-        """Match the downloaded results to the chunk's requests, in file order."""
+        """Match the downloaded results to the chunk's requests, in file order, one at a time: only an
+        index of offsets by ``custom_id`` is held in memory, never the results."""
         outcomes = self._outcomes(chunk)
-        results: List[KeyResult] = []
         again: List[Tuple[_Request, bool]] = []
-        handles: Dict[str, BinaryIO] = {}
-        try:
-            for request in _requests_of(self._store, chunk):
-                where = outcomes.get(request.custom_id)
-                line: Any = None
-                if where is not None:
-                    path, offset = where
-                    if path not in handles:
-                        handles[path] = open(path, "rb")  # noqa: SIM115 - closed below
-                    handles[path].seek(offset)
-                    line = json.loads(handles[path].readline())
-                settled, retry = self._outcome(chunk, request, line)
-                results.extend(settled)
-                again.extend(retry)
-        finally:
-            for handle in handles.values():
-                handle.close()
-        self._settle(chunk, results, again, f"batch {chunk.status}")
+
+        def results() -> Iterator[KeyResult]:
+            handles: Dict[str, BinaryIO] = {}
+            try:
+                for request in _requests_of(self._store, chunk):
+                    where = outcomes.get(request.custom_id)
+                    line: Any = None
+                    if where is not None:
+                        path, offset = where
+                        if path not in handles:
+                            handles[path] = open(path, "rb")  # noqa: SIM115 - closed below
+                        handles[path].seek(offset)
+                        line = json.loads(handles[path].readline())
+                    settled, retry = self._outcome(chunk, request, line)
+                    yield from settled
+                    again.extend(retry)
+            finally:
+                for handle in handles.values():
+                    handle.close()
+
+        self._settle(chunk, results(), again, f"batch {chunk.status}")
 
     def _outcome(
         self, chunk: Chunk, request: _Request, line: Any
@@ -751,25 +754,36 @@ class BatchJob:
     def _settle(
         self,
         chunk: Chunk,
-        results: List[KeyResult],
+        results: Iterable[KeyResult],
         again: List[Tuple[_Request, bool]],
         why: str,
         extra: Optional[List[Tuple[_Request, bool]]] = None,
     ) -> None:
         """Write the chunk's results, put what is left into new chunks (or send it now, with the sync
-        fallback), and mark the chunk done, in one state write."""
-        if again and self.fallback == "sync" and extra is None:
-            results = results + self._send_sync(chunk, [request for request, _ in again])
-            again = []
-        replace_file(self._store.file(chunk.n, "results"), b"".join(result.encode() for result in results))
-        chunk.results = len(results)
+        fallback), and mark the chunk done, in one state write. ``again`` is complete once ``results``
+        has been read."""
+        target = self._store.file(chunk.n, "results")
+        count = 0
+        with open(target + ".tmp", "wb") as file:
+            for result in results:
+                file.write(result.encode())
+                count += 1
+            if again and self.fallback == "sync" and extra is None:
+                for result in self._send_sync(chunk, [request for request, _ in again]):
+                    file.write(result.encode())
+                    count += 1
+                again = []
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(target + ".tmp", target)
+        chunk.results = count
         new: List[Chunk] = []
         split = extra is not None  # halves of a chunk the queue refused: not a round of resubmission
         for group in (again, extra or []):
             if group:
                 new.extend(self._replan(chunk, group, chunk.round if split else chunk.round + 1))
         if self.on_results is not None:  # before the chunk is marked done: a crash here delivers again
-            self.on_results(chunk, iter(results))
+            self.on_results(chunk, (KeyResult(**record) for record in _read_jsonl(target)))
         chunk.phase = "done"
         chunk.note = why + (f"; {sum(c.keys for c in new)} inputs sent again in chunk(s) "
                             f"{', '.join(str(c.n) for c in new)}" if new else "")  # fmt: skip
@@ -799,7 +813,7 @@ class BatchJob:
         error: Dict[str, Any] = {"type": "batch_rejected", "message": message}
         if status is not None:
             error["status"] = status
-        results = [r for request in _requests_of(self._store, chunk) for r in self._errors(chunk, request, error)]
+        results = (r for request in _requests_of(self._store, chunk) for r in self._errors(chunk, request, error))
         self._settle(chunk, results, [], "rejected")
 
     def _send_sync(self, chunk: Chunk, requests: List[_Request]) -> List[KeyResult]:
