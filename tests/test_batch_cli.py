@@ -251,3 +251,14 @@ def test_a_batch_refused_by_the_queue_waits_and_the_summary_counts_every_batch(
     assert code == 0 and refused == 0
     assert_one_good_result_per_line(tmp_path / "results.jsonl", 40)
     assert "Batch API:" in capsys.readouterr().err
+
+
+def test_an_error_every_call_would_get_stops_the_job_with_a_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_lines(tmp_path / "requests.jsonl", mixed(4))
+    with FakeOpenAI(api_keys=["sk-the-right-one"], **SPEEDS) as server:  # type: ignore[arg-type]
+        assert run(tmp_path, server) == 1
+    err = capsys.readouterr().err
+    assert "stopped:" in err and "401" in err and "rerun the same command" in err
+    assert "Traceback" not in err and KEY not in err

@@ -13,7 +13,10 @@ does, and plans the lines no batch covers into new batches.
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
+
+import openai
 
 from . import batch_api
 from .batch_api import BatchJob, KeyResult
@@ -65,6 +68,7 @@ def run_batch(options: Options, job: Prepared) -> int:
     batch.on_results = lambda chunk, results: _deliver(results, writer)
     batch._keep_results = False  # the output holds them
     interrupted = False
+    stopped: Optional[BaseException] = None
     try:
         if options.cancel:
             batch.cancel()
@@ -77,11 +81,13 @@ def run_batch(options: Options, job: Prepared) -> int:
         batch.wait(progress=lambda _: _show(progress, batch, writer, job))
     except KeyboardInterrupt:
         interrupted = True
+    except openai.OpenAIError as error:  # no quota, a rejected key, a service down for longer than the retries
+        stopped = error
     finally:
         output.close()
         if progress is not None:
             progress.close()
-    if not interrupted and (output.untidy or options.ordered):
+    if not interrupted and stopped is None and (output.untidy or options.ordered):
         output.compact()
     chunks = batch._chunks
     batches = sum(chunk.attempt for chunk in chunks)
@@ -95,6 +101,13 @@ def run_batch(options: Options, job: Prepared) -> int:
             f" cancel them (the job: {batch.state_path})"
         )
     _summary(options, writer, client, job, interrupted, extra)
+    if stopped is not None:
+        print(
+            f"throttled-openai run: stopped: {stopped}\n  the batches already created keep running; fix it, then rerun"
+            " the same command to collect them and submit the rest",
+            file=sys.stderr,
+        )
+        return 1
     if interrupted:
         return 130
     if options.cancel:
