@@ -32,6 +32,9 @@ How it stays correct when killed or edited:
 
 Single-prompt completions lines whose bodies differ only in ``prompt`` share one request (up to 20
 prompts, within the token burst the limiter allows); their answers are matched back by ``index``.
+
+``--batch-api`` sends the same job through OpenAI's Batch API instead (:mod:`.batch_run`), with the same
+output, summary and exit codes.
 """
 
 from __future__ import annotations
