@@ -23,6 +23,9 @@ def _serve(conn: Connection, kwargs: Dict[str, Any]) -> None:
             elif command == "reset":
                 server.reset_stats()
                 conn.send(None)
+            elif command == "set":  # a settable attribute, such as batch_speed
+                setattr(server, *argument)
+                conn.send(None)
 
 
 class ServerProcess:
@@ -48,6 +51,10 @@ class ServerProcess:
 
     def max_admitted_in_window(self, seconds: float) -> Tuple[int, int]:
         return self._ask("window", seconds)  # type: ignore[no-any-return]
+
+    def set(self, name: str, value: Any) -> None:
+        """Set one of the server's settable attributes while it runs: ``server.set("batch_speed", 0)``."""
+        self._ask("set", (name, value))
 
     def __exit__(self, *exc: object) -> None:
         self._conn.send(("stop", None))
