@@ -38,6 +38,7 @@ import os
 import re
 import time
 import uuid
+from array import array
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from typing import Any, BinaryIO, Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple, Union
@@ -611,44 +612,49 @@ class BatchJob:
         chunk.phase = "downloaded"
         self._save()
 
-    def _outcomes(self, chunk: Chunk) -> Dict[str, Tuple[str, int]]:
-        """custom_id → (file, offset) of its line in the downloaded output and error files; an id in
-        both: the output wins."""
-        found: Dict[str, Tuple[str, int]] = {}
-        for what in ("errors", "output"):
-            path = self._store.file(chunk.n, what)
+    def _outcomes(self, chunk: Chunk) -> Tuple[List[str], array[int], array[int]]:
+        """Where each request's result line is in the downloaded files: ``(paths, file, offset)``, the
+        two arrays indexed by the request's place in the chunk (its ``custom_id`` is ``<chunk>-<k>``),
+        ``file[k]`` an index into ``paths``, -1 for none. A request in both files: the output wins.
+        8 bytes a request, whatever the size of the results."""
+        paths = [self._store.file(chunk.n, what) for what in ("errors", "output")]
+        which, offsets = array("b", [-1]) * chunk.requests, array("q", [0]) * chunk.requests
+        prefix = f"{chunk.n}-"
+        for index, path in enumerate(paths):
             if not os.path.exists(path):
                 continue
             offset = 0
             with open(path, "rb") as file:
                 for raw in file:
+                    k = -1
                     if raw.strip():
                         try:
                             custom_id = json.loads(raw).get("custom_id")
+                            if isinstance(custom_id, str) and custom_id.startswith(prefix):
+                                k = int(custom_id[len(prefix) :])
                         except (ValueError, AttributeError):
-                            custom_id = None
-                        if isinstance(custom_id, str):
-                            found[custom_id] = (path, offset)
+                            pass
+                    if 0 <= k < chunk.requests:
+                        which[k], offsets[k] = index, offset
                     offset += len(raw)
-        return found
+        return paths, which, offsets
 
     def _read_settled(self, chunk: Chunk) -> None:
         """Match the downloaded results to the chunk's requests, in file order, one at a time: only an
         index of offsets by ``custom_id`` is held in memory, never the results."""
-        outcomes = self._outcomes(chunk)
+        paths, which, offsets = self._outcomes(chunk)
         again: List[Tuple[_Request, bool]] = []
 
         def results() -> Iterator[KeyResult]:
             handles: Dict[str, BinaryIO] = {}
             try:
-                for request in _requests_of(self._store, chunk):
-                    where = outcomes.get(request.custom_id)
+                for k, request in enumerate(_requests_of(self._store, chunk)):
                     line: Any = None
-                    if where is not None:
-                        path, offset = where
+                    if which[k] >= 0:
+                        path = paths[which[k]]
                         if path not in handles:
                             handles[path] = open(path, "rb")  # noqa: SIM115 - closed below
-                        handles[path].seek(offset)
+                        handles[path].seek(offsets[k])
                         line = json.loads(handles[path].readline())
                     settled, retry = self._outcome(chunk, request, line)
                     yield from settled
