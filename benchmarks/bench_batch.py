@@ -20,23 +20,23 @@ twice, and a complete output.
     python benchmarks/bench_batch.py            # sync 10k/100k, batch 10k/50k/100k, resume 100k: ~4.5 minutes
     python benchmarks/bench_batch.py --quick    # sync 2k/10k, batch 2k/10k, resume 10k: ~40 s
 
-Measured on the 2-core dev machine (Python 3.11, openai 2.x), a full run:
+Measured on the 2-core dev machine (openai 2.x), a full run:
 
     | route        | lines   | HTTP requests | wall    | client CPU | peak RSS | billed (full-price equiv.) |
-    | sync         |  10,000 |        10,000 |  20.7 s |     20.8 s |   111 MB |                    229,000 |
-    | sync         | 100,000 |       100,000 | 185.3 s |    185.4 s |   122 MB |                  2,299,000 |
-    | batch        |  10,000 |             6 |   3.5 s |      2.5 s |   120 MB |                    114,500 |
-    | batch        |  50,000 |             9 |  10.5 s |      7.2 s |   134 MB |                    574,500 |
-    | batch        | 100,000 |            10 |  17.3 s |     12.8 s |   141 MB |                  1,149,500 |
-    | batch, rerun | 100,000 |            10 |  11.2 s |      9.2 s |   103 MB |                  1,149,500 |
+    | sync         |  10,000 |        10,000 |  18.9 s |     19.1 s |   110 MB |                    229,000 |
+    | sync         | 100,000 |       100,000 | 179.6 s |    180.9 s |   122 MB |                  2,299,000 |
+    | batch        |  10,000 |             6 |   3.4 s |      2.5 s |   118 MB |                    114,500 |
+    | batch        |  50,000 |             8 |  10.5 s |      7.4 s |   124 MB |                    574,500 |
+    | batch        | 100,000 |            10 |  17.9 s |     13.4 s |   131 MB |                  1,149,500 |
+    | batch, rerun | 100,000 |             9 |  11.7 s |      9.6 s |    95 MB |                  1,149,500 |
 
 Tokens used 2,299,000 for 100,000 lines both ways (summary = server). At the end ``OUTPUT.batch.json``
-is 1.2 KiB (0.7 KiB for one chunk) and ``OUTPUT.batch.json.d/`` is empty. Peak RSS grows by ~20 MB
-from 10,000 to 100,000 lines on the Batch API route (~11 MB on the sync route): the per-line index of
-the output that both routes keep, plus one chunk's ``custom_id`` -> offset index (at most 50,000
-requests). Before commit 8aba385 (settling streamed to disk) a chunk's results were held whole: 361 MB
-at 50,000 lines. The resume: killed 7.5 s in (both batches created at 4.8 s, then polled); the rerun
-took 11.2 s and 10 requests, created no batch and uploaded no file again, and the output was complete.
+is 1.2 KiB (0.7 KiB for one chunk) and ``OUTPUT.batch.json.d/`` is empty. Peak RSS grows by 1.10x from
+10,000 to 100,000 lines on the Batch API route (1.11x on the sync route): the per-line index of the
+output that both routes keep; a chunk's result index is 8 bytes a request. Before commit 8aba385
+(settling streamed to disk) a chunk's results were held whole: 361 MB at 50,000 lines. The resume:
+killed 7.6 s in (both batches created at 4.9 s, then polled); the rerun took 11.7 s and 9 requests,
+created no batch and uploaded no file again, and the output was complete.
 """
 
 from __future__ import annotations
