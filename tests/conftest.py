@@ -13,6 +13,9 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any, Callable, Iterator, List
+
+import pytest
 
 _URL = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
 
@@ -44,3 +47,20 @@ def _no_downloads() -> None:
 
 
 _no_downloads()
+
+
+@pytest.fixture
+def make_server() -> Iterator[Callable[..., Any]]:
+    """Factory: start a FakeOpenAI with the given keyword arguments; all are stopped at teardown."""
+    from throttled_openai.testing import FakeOpenAI
+
+    servers: List[FakeOpenAI] = []
+
+    def make(**kwargs: Any) -> FakeOpenAI:
+        server = FakeOpenAI(**kwargs).start()
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.stop()

@@ -11,7 +11,7 @@ import re
 import time
 import urllib.error
 import urllib.request
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 import openai
 import pytest
@@ -27,21 +27,6 @@ BATCH_FIELDS = {
 }  # fmt: skip
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-def make_server() -> Iterator[Callable[..., FakeOpenAI]]:
-    """Factory: start a FakeOpenAI with the given keyword arguments; all are stopped at teardown."""
-    servers: List[FakeOpenAI] = []
-
-    def make(**kwargs: Any) -> FakeOpenAI:
-        server = FakeOpenAI(**kwargs).start()
-        servers.append(server)
-        return server
-
-    yield make
-    for server in servers:
-        server.stop()
 
 
 def client(server: FakeOpenAI, key: str = KEY) -> openai.OpenAI:

@@ -12,7 +12,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Type
+from typing import Any, Callable, Dict, List, Optional, Tuple, Type
 
 import openai
 import pytest
@@ -23,21 +23,6 @@ KEY = "sk-test-0123456789abcdef"
 GO_DURATION = re.compile(r"^(\d+h)?(\d+m)?(\d+(\.\d+)?s)?$|^\d+(\.\d+)?ms$")
 
 pytestmark = pytest.mark.timeout(30)
-
-
-@pytest.fixture
-def make_server() -> Iterator[Callable[..., FakeOpenAI]]:
-    """Factory: start a FakeOpenAI with the given keyword arguments; all are stopped at teardown."""
-    servers: List[FakeOpenAI] = []
-
-    def make(**kwargs: Any) -> FakeOpenAI:
-        server = FakeOpenAI(**kwargs).start()
-        servers.append(server)
-        return server
-
-    yield make
-    for server in servers:
-        server.stop()
 
 
 def client(server: FakeOpenAI, key: str = KEY, **kwargs: Any) -> openai.OpenAI:

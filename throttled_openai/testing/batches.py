@@ -40,7 +40,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 from .counting import count_tokens
 from .endpoints import _JOBS, _BadRequest, _Env
-from .faults import _FAULT_RETRY_S, _proxy_page
+from .faults import _FAULT_RETRY_S, _SERVER_ERROR, _plain_fault_reply
 from .formats import JSONDict, _error, _rate_limit_error
 from .model import _admission_cost, _Job
 from .replies import _json_reply, _Reply
@@ -73,7 +73,6 @@ _MAX_EMBEDDING_INPUTS = 50_000  # embedding inputs summed over a batch
 _MAX_REPORTED = 100  # errors.data entries kept for a batch that failed validation
 _LIST_LIMIT = (1, 100, 20)  # GET /batches limit: min, max, default
 _FILES_LIMIT = (1, 10_000, 10_000)  # GET /files limit
-_SERVER_ERROR = "The server had an error while processing your request. Sorry about that!"
 _EXPIRED_LINE = {
     "code": "batch_expired",
     "message": "This request could not be executed before the completion window expired.",
@@ -118,23 +117,12 @@ def _batch_call(method: str, path: str) -> Optional[_Call]:
 
 def _fault_reply(fault: str, headers: List[Tuple[str, str]], retry_headers: List[Tuple[str, str]]) -> _Reply:
     """The reply for a fault that replaces a Files/Batch API reply (see :data:`BATCH_FAULTS`)."""
-    if fault == "drop":
-        return _Reply(0, action="drop")
-    if fault == "502_html":
-        return _proxy_page(502, "Bad Gateway", "cloudflare")
-    if fault == "504_html":
-        return _proxy_page(504, "Gateway Time-out", "nginx")
-    if fault == "503":
-        msg = "The engine is currently overloaded, please try again later"
-        return _json_reply(503, _error(msg, "server_error", code="server_is_overloaded"), headers)
-    if fault == "400":
-        return _json_reply(400, _error("Invalid request (injected fault).", "invalid_request_error"), headers)
-    if fault in ("429", "429_message_only"):
-        payload = _rate_limit_error("requests", "RPM", 1000, 1000, 1, _FAULT_RETRY_S)
-        return _json_reply(429, payload, headers + (retry_headers if fault == "429" else []))
-    msg = (_SERVER_ERROR + " You can retry your request, or contact us through our help center at help.openai.com "
-           "if the error persists.")  # fmt: skip
-    return _json_reply(500, _error(msg, "server_error"), headers)
+    plain = _plain_fault_reply(fault, headers)
+    if plain is not None:
+        return plain
+    # "429", "429_message_only"
+    payload = _rate_limit_error("requests", "RPM", 1000, 1000, 1, _FAULT_RETRY_S)
+    return _json_reply(429, payload, headers + (retry_headers if fault == "429" else []))
 
 
 class _Refused(Exception):

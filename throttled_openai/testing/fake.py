@@ -17,7 +17,7 @@ from typing import Any, Callable, Collection, Deque, Dict, List, Mapping, Option
 from .batches import BATCH_FAULTS, BATCH_PHASES, _batch_call, _Batches, _Call, _fault_reply, _Settings
 from .counting import _encoder
 from .endpoints import _JOBS, _BadRequest, _Env
-from .faults import _FAULT_RETRY_S, _REJECTING_FAULTS, FAULTS, _after_admission, _proxy_page
+from .faults import _FAULT_RETRY_S, _REJECTING_FAULTS, FAULTS, _after_admission, _plain_fault_reply
 from .formats import (
     _EPS,
     JSONDict,
@@ -727,23 +727,11 @@ class FakeOpenAI:
 
     def _fault_reply(self, fault: str, pair: _Pair, job: _Job, headers: List[Tuple[str, str]]) -> _Reply:
         """Reply for a fault that replaces admission; called under the lock."""
-        if fault == "drop":
-            return _Reply(0, action="drop")
-        if fault == "502_html":
-            return _proxy_page(502, "Bad Gateway", "cloudflare")
-        if fault == "504_html":
-            return _proxy_page(504, "Gateway Time-out", "nginx")
-        if fault == "500":
-            msg = ("The server had an error while processing your request. Sorry about that! You can retry "
-                   "your request, or contact us through our help center at help.openai.com if the error "
-                   "persists.")  # fmt: skip
-            return _json_reply(500, _error(msg, "server_error"), headers)
-        if fault == "503":
-            msg = "The engine is currently overloaded, please try again later"
-            return _json_reply(503, _error(msg, "server_error", code="server_is_overloaded"), headers)
-        if fault == "400":
-            self._stats["bad_requests"] += 1
-            return _json_reply(400, _error("Invalid request (injected fault).", "invalid_request_error"), headers)
+        plain = _plain_fault_reply(fault, headers)
+        if plain is not None:
+            if fault == "400":
+                self._stats["bad_requests"] += 1
+            return plain
         if fault == "quota":
             self._stats["quota"] += 1
             return _json_reply(429, _quota_error(), headers)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import List, Optional, Tuple
+
 from .formats import _error
 from .replies import _HTML_CONTENT_TYPE, _SSE_CONTENT_TYPE, _json_reply, _Reply, _sse
 
@@ -81,6 +83,31 @@ def _proxy_page(status: int, title: str, server: str) -> _Reply:
     return _Reply(status, page.encode(), content_type=_HTML_CONTENT_TYPE)
 
 
+#: OpenAI's 500 message ("... Sorry about that!"), as its error bodies and batch error lines carry it.
+_SERVER_ERROR = "The server had an error while processing your request. Sorry about that!"
+
+
+def _plain_fault_reply(fault: str, headers: List[Tuple[str, str]]) -> Optional[_Reply]:
+    """The reply of a fault that needs nothing but its name, on any route: a dropped connection, a
+    gateway's page, OpenAI's 500, 503 or 400; ``None`` for the other faults."""
+    if fault == "drop":
+        return _Reply(0, action="drop")
+    if fault == "502_html":
+        return _proxy_page(502, "Bad Gateway", "cloudflare")
+    if fault == "504_html":
+        return _proxy_page(504, "Gateway Time-out", "nginx")
+    if fault == "500":
+        msg = (_SERVER_ERROR + " You can retry your request, or contact us through our help center at "
+               "help.openai.com if the error persists.")  # fmt: skip
+        return _json_reply(500, _error(msg, "server_error"), headers)
+    if fault == "503":
+        msg = "The engine is currently overloaded, please try again later"
+        return _json_reply(503, _error(msg, "server_error", code="server_is_overloaded"), headers)
+    if fault == "400":
+        return _json_reply(400, _error("Invalid request (injected fault).", "invalid_request_error"), headers)
+    return None
+
+
 _CAPTIVE_PAGE = (
     b"<!DOCTYPE html>\n<html><head><title>Network Login</title></head>\n<body><h1>Sign in to the network</h1>\n"
     b"<p>You must log in to this network before you can access the Internet.</p>\n"
@@ -96,8 +123,7 @@ def _after_admission(fault: str, reply: _Reply) -> _Reply:
     if fault == "html_200":
         return _Reply(200, _CAPTIVE_PAGE, content_type=_HTML_CONTENT_TYPE)
     if fault == "error_200":
-        msg = "The server had an error while processing your request. Sorry about that!"
-        payload = _error(msg, "server_error")
+        payload = _error(_SERVER_ERROR, "server_error")
         if reply.chunks is None:
             return _json_reply(200, payload, reply.headers)
         return _Reply(200, headers=reply.headers, chunks=[_sse(payload)], content_type=_SSE_CONTENT_TYPE)
