@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any, Iterator, List
 
@@ -338,3 +339,68 @@ def test_a_rejected_key_stops_the_job_instead_of_failing_its_inputs(tmp_path: Pa
         with pytest.raises(openai.AuthenticationError):
             refused.batch_chat_completions(conversations(2), model=CHAT, state=str(tmp_path / "k"), **FAST)
         assert server.stats()["batches_created"] == 0
+
+
+# -- found in review: each failed before its fix ----------------------------------------------------
+
+SHARED_400 = {"context_length": 60}  # the fake refuses a whole completions request with a prompt too long
+PROMPTS = ["short"] * 5 + ["word " * 200] + ["short"] * 5
+
+
+@pytest.mark.parametrize("fallback", ["batch", "sync"])
+def test_a_shared_request_refused_for_one_prompt_fails_that_prompt_alone(tmp_path: Path, fallback: str) -> None:
+    with fake(**SHARED_400) as server:
+        job = client_for(server).batch_completions(
+            PROMPTS, model="gpt-3.5-turbo-instruct", state=str(tmp_path / "j"), max_tokens=3, fallback=fallback, **FAST
+        )
+        results = job.wait(timeout=30).results(return_exceptions=True)
+        assert [i for i, r in enumerate(results) if isinstance(r, BatchRequestError)] == [5]
+        assert results[5].status == 400  # type: ignore[union-attr]
+        assert [r.text for i, r in enumerate(results) if i != 5] == [" echo:short#0"] * 10  # type: ignore[union-attr]
+
+
+def test_cancel_after_a_batch_ended_still_lets_wait_finish(tmp_path: Path) -> None:
+    with fake(**SHARED_400) as server:
+        job = client_for(server).batch_completions(
+            PROMPTS, model="gpt-3.5-turbo-instruct", state=str(tmp_path / "j"), max_tokens=3, **FAST
+        )
+        while server.batches()[0]["status"] != "completed":  # it ends on the server; the job has not looked
+            time.sleep(0.01)
+        job.cancel()
+        results = job.wait(timeout=10).results(return_exceptions=True)  # the 400 would have split it again
+        assert all(isinstance(r, BatchRequestError) and r.type == "batch_cancelled" for r in results)
+        assert server.stats()["batches_created"] == 1
+
+
+def test_too_many_creates_wait_and_create_once(server: FakeOpenAI, tmp_path: Path) -> None:
+    server.inject("429", 3, phase="create")  # nothing created: no listing, no failure, a later try
+    job = client_for(server).batch_chat_completions(conversations(5), model=CHAT, state=str(tmp_path / "j"), **FAST)
+    assert len(job.wait(timeout=30).results()) == 5
+    assert server.stats()["batches_created"] == 1
+
+
+def test_a_chunk_refused_while_another_runs_waits_for_it_instead_of_retrying_each_poll(tmp_path: Path) -> None:
+    # The server counts more tokens than the job estimates (raw JSON bytes): the queue refuses chunk 2
+    # while chunk 1 runs. It must wait for chunk 1 to end, not be created again at every poll.
+    settings = {"batch_speed": 20.0, "batch_queue_tokens": 1500, "cost_model": "json_bytes"}
+    with fake(**settings) as server:
+        conversations_ = [[{"role": "user", "content": f"question number {i}"}] for i in range(100)]
+        job = client_for(server).batch_chat_completions(
+            conversations_,
+            model=CHAT,
+            state=str(tmp_path / "j"),
+            max_tokens=2,
+            max_requests=50,
+            queue_tokens=1500,
+            **FAST,
+        )
+        assert len(job.wait(timeout=60).results()) == 100
+        assert server.stats()["batches_created"] <= 4  # was 23
+
+
+def test_one_process_at_a_time_drives_a_job(server: FakeOpenAI, tmp_path: Path) -> None:
+    state = str(tmp_path / "j")
+    job = client_for(server).batch_chat_completions(conversations(3), model=CHAT, state=state, **FAST)
+    with job._store.locked(), pytest.raises(RuntimeError, match="another process"):  # as another process would
+        BatchJob.open(client_for(server), state, **FAST).wait()
+    assert len(job.wait(timeout=30).results()) == 3

@@ -262,3 +262,34 @@ def test_an_error_every_call_would_get_stops_the_job_with_a_message(
     err = capsys.readouterr().err
     assert "stopped:" in err and "401" in err and "rerun the same command" in err
     assert "Traceback" not in err and KEY not in err
+
+
+def test_a_line_edited_while_its_batch_runs_is_sent_again_and_gets_its_own_result(tmp_path: Path) -> None:
+    lines = [chat(i) for i in range(3)]
+    write_lines(tmp_path / "requests.jsonl", lines)
+    with FakeOpenAI(**SPEEDS) as server:  # type: ignore[arg-type]
+        server.batch_speed = 0
+        child = subprocess.Popen(
+            command(tmp_path, server), env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        try:
+            wait_for_request(server, child, "GET", "/v1/batches/batch_[0-9a-f]+")
+        finally:
+            child.send_signal(signal.SIGKILL)
+            child.wait()
+        lines[1] = {**chat(1), "messages": [{"role": "user", "content": "edited 1"}]}
+        write_lines(tmp_path / "requests.jsonl", lines)
+        server.batch_speed = 5000
+        assert run(tmp_path, server) == 0
+        assert server.stats()["batches_created"] == 2  # the first batch, and one for the edited line
+    out = {r["line"]: text_of(r) for r in records(tmp_path / "results.jsonl")}
+    assert out == {1: "echo:chat 0#0", 2: "echo:edited 1#0", 3: "echo:chat 2#0"}
+
+
+def test_two_runs_of_one_job_at_once_are_refused(tmp_path: Path, server: FakeOpenAI) -> None:
+    from throttled_openai.batch_api import _Store
+
+    write_lines(tmp_path / "requests.jsonl", mixed(4))
+    with _Store(cli.batch_state_path(str(tmp_path / "results.jsonl"))).locked(), pytest.raises(SystemExit) as exited:
+        run(tmp_path, server)
+    assert exited.value.code == 2 and server.stats()["requests"] == 0

@@ -39,14 +39,15 @@ import re
 import time
 import uuid
 from array import array
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, fields
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, BinaryIO, Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple, Union
 
 import openai
 
 from .batching import split_choices
-from .errors import ThrottledOpenAIError
+from .errors import MalformedResponse, ThrottledOpenAIError
 from .mapping import BulkError
 from .retry import NEVER_RETRY_CODES, RETRY_STATUS_CODES, Retry
 from .tokens import TokenCounter, endpoint_of, input_tokens, usage_tokens
@@ -77,8 +78,10 @@ _STATE_FORMAT = "throttled_openai.batch/1"
 # Rounds of resubmission after which a request that keeps expiring or failing on the server's side
 # ends with its last error.
 _DEFAULT_MAX_ROUNDS = 4
-# Batch API phases (upload, create, retrieve, download) that failed in a row before the job gives up.
+# Batch API calls (upload, create, retrieve, download) failing, after the client's retries, in a row and
+# for this long, before the job gives up (it can be run again later).
 _MAX_PHASE_FAILURES = 10
+_MAX_FAILING_S = 900.0
 # The longest a chunk refused by the queue, with none of the job's batches running, waits to try again;
 # and how often one request is refused so before it fails (other jobs may hold the queue for hours).
 _MAX_QUEUE_RETRY_S = 600.0
@@ -90,15 +93,14 @@ class BatchRequestError(ThrottledOpenAIError):
 
     ``type``: what kind (``status_400``, ``batch_expired``, ``batch_rejected``, ``batch_cancelled``,
     ``server_error``, ...); ``status``: the HTTP status the request got, if it ran; ``code``: OpenAI's
-    error code, if any; ``body``: the error body as the server sent it.
+    error code, if any.
     """
 
-    def __init__(self, message: str, type: str, status: Optional[int] = None, code: Any = None, body: Any = None):
+    def __init__(self, message: str, type: str, status: Optional[int] = None, code: Any = None) -> None:
         super().__init__(message)
         self.type = type
         self.status = status
         self.code = code
-        self.body = body
 
     @classmethod
     def from_record(cls, error: Dict[str, Any]) -> BatchRequestError:
@@ -145,7 +147,9 @@ class Chunk:
     total: int = 0
     tokens_used: int = 0  # usage of its results
     results: int = 0  # inputs with a final result from it
-    retry_at: float = 0.0  # unix time before which a queue-refused chunk is not submitted again
+    retry_at: float = 0.0  # unix time before which a refused chunk is not submitted again
+    refusals: int = 0  # times the model's batch queue refused it
+    after: List[int] = field(default_factory=list)  # refused while these ran: waits for one of them to end
     note: str = ""
 
     @property
@@ -162,6 +166,16 @@ class _Request:
     keys: List[int]
     notes: Optional[List[Any]]
     body: Dict[str, Any]
+
+    def alone(self, i: int, field_name: Optional[str]) -> _Request:
+        """The request input ``i`` of this shared one would have been alone, with an id of its own."""
+        body = (
+            self.body
+            if len(self.keys) == 1 or field_name is None
+            else {**self.body, field_name: self.body[field_name][i]}
+        )
+        notes = [self.notes[i]] if self.notes else None
+        return _Request(f"{self.custom_id}.{i}", [self.keys[i]], notes, body)
 
 
 class _Store:
@@ -192,6 +206,26 @@ class _Store:
         for path in paths:
             if os.path.exists(path):
                 os.remove(path)
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold ``<state>.lock`` (``flock``, where the platform has it): two processes driving one job
+        would both plan and submit the same inputs."""
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock
+            yield
+            return
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        with open(self.path + ".lock", "a") as handle:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                raise RuntimeError(f"another process is running the batch job {self.path}") from None
+            try:
+                yield
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def replace_file(path: str, data: bytes) -> None:
@@ -228,6 +262,15 @@ def _part(body: Dict[str, Any], field_name: Optional[str], i: int, shared: int) 
     if shared == 1 or field_name is None:
         return body
     return {**body, field_name: body[field_name][i]}
+
+
+def _split(requests: List[Tuple[_Request, bool]], field_name: Optional[str]) -> Iterator[_Request]:
+    """The requests, those marked ``alone`` cut into one request per input."""
+    for request, alone in requests:
+        if alone and len(request.keys) > 1 and field_name is not None:
+            yield from (request.alone(i, field_name) for i in range(len(request.keys)))
+        else:
+            yield request
 
 
 def _shared_field(url: str) -> Optional[str]:
@@ -358,6 +401,8 @@ class BatchJob:
             raise ValueError(f"fallback must be 'batch' or 'sync', got {fallback!r}")
         if not (isinstance(max_rounds, int) and max_rounds >= 1):
             raise ValueError(f"max_rounds must be an int >= 1, got {max_rounds!r}")
+        if not (isinstance(max_workers, int) and max_workers >= 1):
+            raise ValueError(f"max_workers must be an int >= 1, got {max_workers!r}")
         self._client = client
         self._store = _Store(os.fspath(state))
         self.poll_interval = float(poll_interval)
@@ -370,7 +415,9 @@ class BatchJob:
         self._counter: TokenCounter = getattr(client, "_counter", None) or TokenCounter()
         self._state: Dict[str, Any] = {}
         self._chunks: List[Chunk] = []
-        self._failures = 0  # phases failed in a row
+        self._failures = 0  # Batch API calls failed in a row (after the client's retries)
+        self._failing_since = 0.0
+        self._lock_depth = 0
         # Called with each chunk's results as it settles, before it is marked done (so after a crash,
         # perhaps again). Without _keep_results, a settled chunk's files go: the caller has its results.
         self.on_results: Optional[Callable[[Chunk, Iterator[KeyResult]], None]] = None
@@ -411,6 +458,23 @@ class BatchJob:
         }
         self._chunks = []
 
+    @contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """This process alone drives the job meanwhile (re-entrant)."""
+        if self._lock_depth:
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+            return
+        with self._store.locked():
+            self._lock_depth = 1
+            try:
+                yield
+            finally:
+                self._lock_depth = 0
+
     def _save(self) -> None:
         self._state["chunks"] = [asdict(chunk) for chunk in self._chunks]
         self._store.save(self._state)
@@ -447,6 +511,9 @@ class BatchJob:
     def _queue_allows(self, chunk: Chunk) -> bool:
         if chunk.retry_at > time.time():
             return False
+        waited = [c for c in self._chunks if c.n in chunk.after]
+        if waited and all(c.active for c in waited):  # refused while they ran: one must end first
+            return False
         running = [c for c in self._chunks if c.active and c.model == chunk.model and c is not chunk]
         if not running:
             return True
@@ -480,20 +547,29 @@ class BatchJob:
                 metadata=self._metadata(chunk),
             )
         except openai.APIStatusError as error:
-            kind, retryable, _ = Retry.classify(error)
-            if kind == "quota" or error.status_code in (401, 403):  # every call would fail so: the job stops
+            status = error.status_code
+            if Retry.classify(error)[0] == "quota" or status in (401, 403):  # so would every call: the job stops
                 raise
-            if not retryable:  # refused, so certainly not created: never will be
-                self._reject(chunk, f"batches.create refused the chunk: {error}", error.status_code)
-                return
-            if self._adopt([chunk]):
-                return
-            raise
-        except openai.APIConnectionError:  # perhaps created, and the answer lost
-            if self._adopt([chunk]):
-                return
-            raise
+            if status in (408, 409) or status >= 500:  # perhaps created, and the answer lost
+                self._lost_create(chunk, error)
+            elif status == 429:  # too many batches created lately: none was made; the same file, later
+                chunk.attempt -= 1
+                chunk.phase = "uploaded"
+                chunk.retry_at = time.time() + max(self.poll_interval, Retry().decide(error, 1).delay)
+                self._save()
+            else:  # refused, so not created, and never will be
+                self._reject(chunk, f"batches.create refused the chunk: {error}", status)
+            return
+        except openai.APIConnectionError as error:  # a timeout, a dropped connection: perhaps created
+            self._lost_create(chunk, error)
+            return
         self._submitted(chunk, batch)
+
+    def _lost_create(self, chunk: Chunk, error: BaseException) -> None:
+        """A create whose answer did not come: adopt the batch if it was made; else the chunk stays
+        ``creating``, and the next poll looks for it again before it creates one."""
+        if not self._adopt([chunk]):
+            self._failed_call(error)
 
     def _submitted(self, chunk: Chunk, batch: Any) -> None:
         chunk.batch_id, chunk.status, chunk.phase = batch.id, batch.status, "submitted"
@@ -542,55 +618,84 @@ class BatchJob:
             if error.code == "token_limit_exceeded" or match:
                 self._queue_refused(chunk, match)
                 return
+        if not errors:  # nothing ran and nothing says why: like a batch that expired before it ran
+            unrun, retry = self._unrun(
+                chunk, {"type": "batch_failed", "message": "the batch failed, for no reason given"}
+            )
+            self._settle(chunk, unrun, retry, "failed for no reason given")
+            return
         by_line: Dict[int, str] = {}
-        general = []
-        for error in errors:
-            reason = f"{error.code}: {error.message}" if error.code else str(error.message)
-            if isinstance(error.line, int):
-                by_line[error.line] = reason
-            else:
-                general.append(reason)
-        if not by_line:
-            reason = "; ".join(general) or "the batch failed validation, for no reason given"
-            self._reject(chunk, f"the Batch API rejected the batch: {reason}", None)
+        reasons: List[str] = []
+        for entry in errors:
+            said = f"{entry.code}: {entry.message}" if entry.code else str(entry.message)
+            reasons.append(said)
+            if isinstance(entry.line, int) and 1 <= entry.line <= chunk.requests:
+                by_line[entry.line] = said
+        if not by_line:  # the batch as a whole, or lines it does not have: nothing to single out
+            self._reject(chunk, f"the Batch API rejected the batch: {'; '.join(reasons)}", None)
             return
         results: List[KeyResult] = []
-        again: List[_Request] = []
+        again: List[Tuple[_Request, bool]] = []
+        others = {"type": "batch_rejected", "message": "other lines of its batch failed validation"}
         for number, request in enumerate(_requests_of(self._store, chunk), start=1):
             if number in by_line:
-                error = {"type": "batch_rejected", "message": f"the Batch API rejected this line: {by_line[number]}"}
-                results.extend(self._errors(chunk, request, error))
+                rejected = {"type": "batch_rejected", "message": f"the Batch API rejected this line: {by_line[number]}"}
+                results.extend(self._errors(chunk, request, rejected))
             else:
-                again.append(request)
-        self._settle(chunk, results, [(request, False) for request in again], "validation failed for some lines")
+                settled, retry = self._transient(chunk, request, others)
+                results.extend(settled)
+                again.extend(retry)
+        self._settle(chunk, results, again, "validation failed for some lines", sync=False)
+
+    def _unrun(self, chunk: Chunk, reason: Dict[str, Any]) -> Tuple[List[KeyResult], List[Tuple[_Request, bool]]]:
+        """A chunk none of whose requests ran: each goes again (see :meth:`_transient`)."""
+        results: List[KeyResult] = []
+        again: List[Tuple[_Request, bool]] = []
+        for request in _requests_of(self._store, chunk):
+            settled, retry = self._transient(chunk, request, reason)
+            results.extend(settled)
+            again.extend(retry)
+        return results, again
 
     def _queue_refused(self, chunk: Chunk, match: Optional[re.Match[str]]) -> None:
-        """The model's queue was full: learn its limit, then wait for the job's running batches, or, with
-        none running, split the chunk (the server counts more than we estimate) or try later."""
+        """The model's queue was full: learn its limit. With some of the job's batches running, wait for
+        one of them to end; with none, the queue is held by other work, or the server counts more than
+        we estimate: split a chunk near the limit in two, or try later. Every refusal backs off."""
         if match is not None:
             unit = match.group(1).lower()
             self._state.setdefault("queue", {}).setdefault(chunk.model, {})[unit] = int(match.group(2).replace(",", ""))
         running = [c for c in self._chunks if c.active and c.model == chunk.model and c is not chunk]
         chunk.phase, chunk.batch_id, chunk.status = "uploaded", None, None
-        chunk.note = "the model's batch queue is full: waits for running batches"
-        if not running and chunk.requests > 1:
-            requests = list(_requests_of(self._store, chunk))
-            middle = len(requests) // 2
-            halves = [(request, False) for request in requests]
-            self._settle(chunk, [], halves[:middle], "split: the queue refused it whole", extra=halves[middle:])
-            return
-        if not running:
-            refusals = int(self._state.setdefault("refusals", {}).get(str(chunk.n), 0)) + 1
-            self._state["refusals"][str(chunk.n)] = refusals
+        chunk.refusals += 1
+        chunk.retry_at = time.time() + min(_MAX_QUEUE_RETRY_S, self.poll_interval * 2 ** min(chunk.refusals, 16))
+        chunk.after = [c.n for c in running]
+        if self._state.get("cancelled"):
+            chunk.phase, chunk.note = "done", "cancelled before it was submitted"
+        elif running:
+            chunk.note = "the model's batch queue is full: waits for one of the job's running batches to end"
+        else:
             limit = self._queue_limit(chunk.model, "token")
-            if (limit is not None and chunk.tokens > limit) or refusals > _MAX_QUEUE_REFUSALS:
-                reason = f"the model's batch queue refused it {refusals} times, with none of this job's batches running"
-                if limit is not None and chunk.tokens > limit:
-                    reason = f"its ~{chunk.tokens:,} input tokens exceed the model's batch queue limit of {limit:,}"
+            if chunk.requests == 1 and limit is not None and chunk.tokens > limit:
+                reason = f"its ~{chunk.tokens:,} input tokens exceed the model's batch queue limit of {limit:,}"
                 self._reject(chunk, f"queue_limit: {reason}", None)
                 return
-            chunk.retry_at = time.time() + min(_MAX_QUEUE_RETRY_S, self.poll_interval * 2**refusals)
-            chunk.note = "the model's batch queue refused it with none of this job's batches running: tries later"
+            if chunk.requests > 1 and (limit is None or chunk.tokens > limit // 2):
+                requests = [(request, False) for request in _requests_of(self._store, chunk)]
+                middle = len(requests) // 2
+                halves = self._settle(
+                    chunk, [], requests[:middle], "split: the queue refused it whole", requests[middle:]
+                )
+                for half in halves:
+                    half.refusals, half.retry_at = chunk.refusals, chunk.retry_at
+                self._save()
+                return
+            if chunk.refusals > _MAX_QUEUE_REFUSALS:
+                reason = (
+                    f"the model's batch queue refused it {chunk.refusals} times, with none of the job's batches running"
+                )
+                self._reject(chunk, f"queue_limit: {reason}", None)
+                return
+            chunk.note = "the model's batch queue is held by other work: tries again later"
         self._save()
 
     def _download(self, chunk: Chunk, batch: Any) -> None:
@@ -600,14 +705,16 @@ class BatchJob:
             if file_id is None:
                 self._store.remove(target)
                 continue
-            with (
-                self._client.files.with_streaming_response.content(file_id) as response,
-                open(target + ".tmp", "wb") as file,
-            ):
-                for block in response.iter_bytes():
-                    file.write(block)
-                file.flush()
-                os.fsync(file.fileno())
+            try:
+                with self._client.files.with_streaming_response.content(file_id) as response:  # noqa: SIM117
+                    with open(target + ".tmp", "wb") as file:  # (both in one `with`, wrapped: 3.10 syntax)
+                        for block in response.iter_bytes():
+                            file.write(block)
+                        file.flush()
+                        os.fsync(file.fileno())
+            except openai.NotFoundError:  # gone (output files live 30 days): its requests count as not run
+                self._store.remove(target, target + ".tmp")
+                continue
             os.replace(target + ".tmp", target)
         chunk.phase = "downloaded"
         self._save()
@@ -616,7 +723,7 @@ class BatchJob:
         """Where each request's result line is in the downloaded files: ``(paths, file, offset)``, the
         two arrays indexed by the request's place in the chunk (its ``custom_id`` is ``<chunk>-<k>``),
         ``file[k]`` an index into ``paths``, -1 for none. A request in both files: the output wins.
-        8 bytes a request, whatever the size of the results."""
+        9 bytes a request, whatever the size of the results."""
         paths = [self._store.file(chunk.n, what) for what in ("errors", "output")]
         which, offsets = array("b", [-1]) * chunk.requests, array("q", [0]) * chunk.requests
         prefix = f"{chunk.n}-"
@@ -666,20 +773,21 @@ class BatchJob:
         self._settle(chunk, results(), again, f"batch {chunk.status}")
 
     def _outcome(
-        self, chunk: Chunk, request: _Request, line: Any
+        self, chunk: Chunk, request: _Request, line: Any, final: bool = False
     ) -> Tuple[List[KeyResult], List[Tuple[_Request, bool]]]:
-        """A request's outcome in its batch: results, or the request to send again (and whether alone)."""
+        """A request's outcome in its batch: results, or the request to send again (and whether alone);
+        ``final``: nothing is sent again, what failed has its error."""
         response = line.get("response") if isinstance(line, dict) else None
         error = line.get("error") if isinstance(line, dict) else None
         status = response.get("status_code") if isinstance(response, dict) else None
         body = response.get("body") if isinstance(response, dict) else None
         if line is None:  # the batch ended before it ran (cancelled, expired)
-            reason = {"type": f"batch_{chunk.status}", "message": f"the batch was {chunk.status} before it ran"}
-            return self._transient(chunk, request, reason)
+            reason = {"type": "no_result", "message": f"the batch ended ({chunk.status}) with no result for it"}
+            return self._transient(chunk, request, reason, final)
         if isinstance(error, dict) or not isinstance(status, int):
             code = str(error.get("code") if isinstance(error, dict) else "malformed_result")
             message = str(error.get("message") if isinstance(error, dict) else "the result line has no status")
-            return self._transient(chunk, request, {"type": code, "message": message})
+            return self._transient(chunk, request, {"type": code, "message": message}, final)
         if status >= 300 or not isinstance(body, dict):
             detail: Dict[str, Any] = {}
             if isinstance(body, dict) and isinstance(body.get("error"), dict):
@@ -687,10 +795,10 @@ class BatchJob:
             described = {"type": _kind(status, detail), "message": str(detail.get("message") or body), "status": status}
             if detail.get("code"):
                 described["code"] = detail["code"]
-            if status in (400, 404, 413, 422) and len(request.keys) > 1:
+            if status in (400, 404, 413, 422) and len(request.keys) > 1 and not final:
                 return [], [(request, True)]  # one input's fault, likely: each goes alone next time
             if status >= 500 or (status in RETRY_STATUS_CODES and detail.get("code") not in NEVER_RETRY_CODES):
-                return self._transient(chunk, request, described)
+                return self._transient(chunk, request, described, final)
             return self._errors(chunk, request, described), []
         return self._answers(chunk, request, body)
 
@@ -720,16 +828,8 @@ class BatchJob:
             part = _part(request.body, field_name, i, len(keys))
             results.append(KeyResult(key, part, note, {**body, listed: parts, "usage": usage}, shared=list(keys)))
             usage = None
-        again = [  # answers missing or repeated: those inputs go again, alone
-            _Request(
-                request.custom_id,
-                [keys[i]],
-                [request.notes[i]] if request.notes else None,
-                _part(request.body, field_name, i, len(keys)),
-            )
-            for i in alone
-        ]
-        return results, [(missing, False) for missing in again]
+        # Answers missing or repeated: those inputs go again, each alone.
+        return results, [(request.alone(i, field_name), False) for i in alone]
 
     def _errors(self, chunk: Chunk, request: _Request, error: Dict[str, Any]) -> List[KeyResult]:
         field_name = _shared_field(chunk.url)
@@ -746,15 +846,15 @@ class BatchJob:
         ]
 
     def _transient(
-        self, chunk: Chunk, request: _Request, error: Dict[str, Any]
+        self, chunk: Chunk, request: _Request, error: Dict[str, Any], final: bool = False
     ) -> Tuple[List[KeyResult], List[Tuple[_Request, bool]]]:
         """A failure on the server's side (expired, a 5xx, not run): sent again, unless the job is
-        cancelled (then it stays without a result) or this was its last round (then this is its result)."""
+        cancelled (then it stays without a result) or this was its last try (then this is its result)."""
         if self._state.get("cancelled"):
             return [], []
-        if chunk.round >= self.max_rounds and self.fallback == "batch":
-            error = {**error, "message": f"{error['message']} (after {chunk.round} batches)"}
-            return self._errors(chunk, request, error), []
+        if final or (chunk.round >= self.max_rounds and self.fallback == "batch"):
+            tries = "through the client" if final else f"after {chunk.round} batches"
+            return self._errors(chunk, request, {**error, "message": f"{error['message']} ({tries})"}), []
         return [], [(request, False)]
 
     def _settle(
@@ -763,19 +863,24 @@ class BatchJob:
         results: Iterable[KeyResult],
         again: List[Tuple[_Request, bool]],
         why: str,
-        extra: Optional[List[Tuple[_Request, bool]]] = None,
-    ) -> None:
-        """Write the chunk's results, put what is left into new chunks (or send it now, with the sync
-        fallback), and mark the chunk done, in one state write. ``again`` is complete once ``results``
-        has been read."""
+        halves: Optional[List[Tuple[_Request, bool]]] = None,
+        sync: bool = True,
+    ) -> List[Chunk]:
+        """Write the chunk's results; put what is left (``again``, complete once ``results`` has been
+        read; ``alone``: each input on its own) into new chunks, or, with the sync fallback and
+        ``sync``, send it now; mark the chunk done, all in one state write. ``halves``: the chunk is
+        split, ``again`` and ``halves`` becoming one chunk each, of the same round. The new chunks."""
         target = self._store.file(chunk.n, "results")
         count = 0
         with open(target + ".tmp", "wb") as file:
             for result in results:
                 file.write(result.encode())
                 count += 1
-            if again and self.fallback == "sync" and extra is None:
-                for result in self._send_sync(chunk, [request for request, _ in again]):
+            cancelled = bool(self._state.get("cancelled"))
+            if cancelled:  # nothing more is submitted: what is left stays without a result
+                again, halves = [], None
+            if again and sync and halves is None and self.fallback == "sync":
+                for result in self._send_sync(chunk, again):
                     file.write(result.encode())
                     count += 1
                 again = []
@@ -784,10 +889,9 @@ class BatchJob:
         os.replace(target + ".tmp", target)
         chunk.results = count
         new: List[Chunk] = []
-        split = extra is not None  # halves of a chunk the queue refused: not a round of resubmission
-        for group in (again, extra or []):
+        for group in (again, halves or []):
             if group:
-                new.extend(self._replan(chunk, group, chunk.round if split else chunk.round + 1))
+                new.extend(self._replan(chunk, group, chunk.round if halves is not None else chunk.round + 1))
         if self.on_results is not None:  # before the chunk is marked done: a crash here delivers again
             self.on_results(chunk, (KeyResult(**record) for record in _read_jsonl(target)))
         chunk.phase = "done"
@@ -797,19 +901,14 @@ class BatchJob:
         self._save()
         spent = ["output", "errors", "sync"] + ([] if self._keep_results else ["input", "keys", "results"])
         self._store.remove(*(self._store.file(chunk.n, what) for what in spent))
+        return new
 
     def _replan(self, chunk: Chunk, requests: List[Tuple[_Request, bool]], round: int) -> List[Chunk]:
         """New chunks (of ``round``) for requests to send again; ``alone``: each input on its own."""
         planner = _Planner(self, round)
-        field_name = _shared_field(chunk.url)
         try:
-            for request, alone in requests:
-                if alone and len(request.keys) > 1 and field_name is not None:
-                    for i, key in enumerate(request.keys):
-                        notes = [request.notes[i]] if request.notes else None
-                        planner.add(chunk.url, _part(request.body, field_name, i, 2), [key], notes)
-                else:
-                    planner.add(chunk.url, request.body, request.keys, request.notes)
+            for request in _split(requests, _shared_field(chunk.url)):
+                planner.add(chunk.url, request.body, request.keys, request.notes)
         finally:
             chunks = planner.close()
         return chunks
@@ -822,47 +921,46 @@ class BatchJob:
         results = (r for request in _requests_of(self._store, chunk) for r in self._errors(chunk, request, error))
         self._settle(chunk, results, [], "rejected")
 
-    def _send_sync(self, chunk: Chunk, requests: List[_Request]) -> List[KeyResult]:
-        """Send requests through the client (``fallback="sync"``), each outcome recorded as it ends."""
+    def _send_sync(self, chunk: Chunk, requests: List[Tuple[_Request, bool]]) -> List[KeyResult]:
+        """Send requests through the client (``fallback="sync"``; ``alone``: each input on its own),
+        recording each outcome as it arrives, so that a rerun sends none twice (one on the wire when
+        the process dies is lost, and sent again). An error every call would get stops the job."""
         path = self._store.file(chunk.n, "sync")
         done: Dict[str, Any] = {}
         if os.path.exists(path):
             for record in _read_jsonl(path):
                 done[record["custom_id"]] = record
-        pending = [request for request in requests if request.custom_id not in done]
+        split = list(_split(requests, _shared_field(chunk.url)))
+        route = chunk.url[len("/v1") :]
 
         def send(request: _Request) -> Dict[str, Any]:
-            route = chunk.url[len("/v1") :]
             try:
                 body = self._client.post(route, body=request.body, cast_to=object)
                 return {"custom_id": request.custom_id, "response": {"status_code": 200, "body": body}}
             except openai.APIStatusError as error:
+                if Retry.classify(error)[0] == "quota" or error.status_code in (401, 403):
+                    raise
                 payload = error.body if isinstance(error.body, dict) else {"message": str(error)}
                 payload = payload if "error" in payload else {"error": payload}
                 return {"custom_id": request.custom_id, "response": {"status_code": error.status_code, "body": payload}}
             except Exception as error:  # no answer (connection, timeout) or an odd one
-                kind = Retry.classify(error)[0]
-                return {"custom_id": request.custom_id, "error": {"code": kind, "message": str(error)}}
+                return {
+                    "custom_id": request.custom_id,
+                    "error": {"code": Retry.classify(error)[0], "message": str(error)},
+                }
 
+        pending = [request for request in split if request.custom_id not in done]
         if pending:
             with open(path, "ab") as file, ThreadPoolExecutor(self.max_workers) as pool:
-                for record in pool.map(send, pending):
+                for future in as_completed([pool.submit(send, request) for request in pending]):
+                    record = future.result()
                     file.write(_line(record))
                     file.flush()
                     done[record["custom_id"]] = record
         results: List[KeyResult] = []
-        last_round = self.max_rounds
-        self.max_rounds = chunk.round  # what fails now is final
-        fallback, self.fallback = self.fallback, "batch"
-        try:
-            for request in requests:
-                settled, again = self._outcome(chunk, request, done.get(request.custom_id))
-                results.extend(settled)
-                for left, _ in again:  # a shared request refused: no more rounds, each input fails with it
-                    error = {"type": "sync_fallback", "message": "the shared request failed; no more rounds"}
-                    results.extend(self._errors(chunk, left, error))
-        finally:
-            self.max_rounds, self.fallback = last_round, fallback
+        for request in split:
+            settled, _ = self._outcome(chunk, request, done.get(request.custom_id), final=True)
+            results.extend(settled)
         return results
 
     # -- driving -------------------------------------------------------------------------------
@@ -871,10 +969,6 @@ class BatchJob:
         """One pass: settle what is downloaded, adopt or create what is being created, poll what runs,
         submit what the queue allows. Whether anything changed."""
         changed = False
-        for chunk in list(self._chunks):
-            if chunk.phase == "downloaded":
-                self._read_settled(chunk)
-                changed = True
         creating = [chunk for chunk in self._chunks if chunk.phase == "creating"]
         if creating and not self._adopt(creating):
             for chunk in creating:
@@ -902,19 +996,29 @@ class BatchJob:
 
     def _round(self) -> bool:
         """:meth:`_step`, with transient failures (the client's retries spent) counted, not raised,
-        until ``_MAX_PHASE_FAILURES`` in a row."""
+        until calls have failed ``_MAX_PHASE_FAILURES`` times in a row over ``_MAX_FAILING_S``."""
+        failures = self._failures
         try:
             changed = self._step()
-        except (openai.APIConnectionError, openai.APIStatusError) as error:
+        except (openai.APIConnectionError, openai.APIStatusError, MalformedResponse) as error:
             if not Retry.classify(error)[1]:
                 raise
-            self._failures += 1
-            if self._failures >= _MAX_PHASE_FAILURES:
-                raise
-            log.warning("throttled_openai: batch job %s: %s; trying again at the next poll", self.job_id, error)
+            self._failed_call(error)
             return False
-        self._failures = 0
+        if self._failures == failures:
+            self._failures = 0
         return changed
+
+    def _failed_call(self, error: BaseException) -> None:
+        """A Batch API call failed after the client's retries: the next poll tries again. Raised once
+        calls have failed ``_MAX_PHASE_FAILURES`` times in a row, for ``_MAX_FAILING_S`` or more."""
+        now = time.monotonic()
+        if self._failures == 0:
+            self._failing_since = now
+        self._failures += 1
+        if self._failures >= _MAX_PHASE_FAILURES and now - self._failing_since >= _MAX_FAILING_S:
+            raise error
+        log.warning("throttled_openai: batch job %s: %s; trying again at the next poll", self.job_id, error)
 
     @property
     def done(self) -> bool:
@@ -931,6 +1035,12 @@ class BatchJob:
         timeout: seconds to wait, then ``TimeoutError`` (the batches keep running; wait again later);
         None: no limit. Ctrl-C raises ``KeyboardInterrupt`` and leaves the batches running.
         """
+        if not self._state:
+            raise RuntimeError("no job to wait for: use client.batch_*() or BatchJob.open()")
+        with self._exclusive():
+            return self._wait(progress, timeout)
+
+    def _wait(self, progress: Union[bool, Callable[[BatchJob], None]], timeout: Optional[float]) -> BatchJob:
         deadline = None if timeout is None else time.monotonic() + timeout
         bar = _bar(self) if progress is True else None
         report = progress if callable(progress) else None
@@ -960,6 +1070,10 @@ class BatchJob:
         """Cancel the job's running batches, and submit nothing more. :meth:`wait` then collects what
         finished before the cancel; the inputs that did not run get no result (a ``batch_cancelled``
         error in :meth:`results`)."""
+        with self._exclusive():
+            self._cancel()
+
+    def _cancel(self) -> None:
         self._state["cancelled"] = True
         self._save()
         creating = [chunk for chunk in self._chunks if chunk.phase == "creating"]
@@ -1124,17 +1238,18 @@ def start(
     items = list(inputs)
     make = _requests_for(kind, items, model, batch_size, kwargs)
     digest = fingerprint((url, body) for url, body, _, _ in make())
-    if job._load():
-        if job._state.get("fingerprint") != digest:
-            raise ValueError(
-                f"{job.state_path} holds another job (other inputs or arguments): pass another state path, "
-                "or BatchJob.open() it"
-            )
-        return job
-    job._new(kind, digest)
-    job._state["inputs"] = len(items)
-    job._plan(make())
-    job._round()  # submit what the queue allows now; wait() does the rest
+    with job._exclusive():
+        if job._load():
+            if job._state.get("fingerprint") != digest:
+                raise ValueError(
+                    f"{job.state_path} holds another job (other inputs or arguments): pass another state path, "
+                    "or BatchJob.open() it"
+                )
+            return job
+        job._new(kind, digest)
+        job._state["inputs"] = len(items)
+        job._plan(make())
+        job._round()  # submit what the queue allows now; wait() does the rest
     return job
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import openai
 
@@ -23,24 +23,22 @@ from .batch_api import BatchJob, KeyResult
 from .batching import MAX_PROMPTS_PER_COMPLETION
 from .cli import (
     _HOLD_LINES,
+    LineHashes,
     Options,
     Prepared,
     Result,
     Task,
     UsageError,
     Writer,
+    _hash_value,
     _progress_bar,
     _summary,
     batch_key,
+    batch_state_path,
     read_tasks,
 )
 
-__all__ = ["run_batch", "state_path"]
-
-
-def state_path(output: str) -> str:
-    """Where the Batch API route keeps the job of ``output``."""
-    return output + ".batch.json"
+__all__ = ["run_batch"]
 
 
 def run_batch(options: Options, job: Prepared) -> int:
@@ -48,7 +46,7 @@ def run_batch(options: Options, job: Prepared) -> int:
     output, state, client = job.output, job.state, job.client
     batch = BatchJob(
         client,
-        state_path(options.output),
+        batch_state_path(options.output),
         poll_interval=options.poll_interval,
         max_poll_interval=options.max_poll_interval,
         queue_tokens=options.queue_tokens,
@@ -56,33 +54,38 @@ def run_batch(options: Options, job: Prepared) -> int:
         max_workers=options.max_workers,
     )
     try:
-        existed = batch._load()
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot read the batch job {batch.state_path}: {exc}") from None
+        with batch._exclusive():
+            existed = batch._load()
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise UsageError(f"cannot use the batch job {batch.state_path}: {exc}") from None
     if options.cancel and not existed:
         raise UsageError(f"no batch job to cancel: {batch.state_path} does not exist")
     if not existed:
         batch._new("requests", None)
     progress = _progress_bar(job.scan.records, job.earlier) if options.progress else None
     writer = Writer(output, False, state, progress)
-    batch.on_results = lambda chunk, results: _deliver(results, writer)
+    current = LineHashes()  # each input line's hash now: a result made for another version is not written
+    batch.on_results = lambda chunk, results: _deliver(results, writer, current)
     batch._keep_results = False  # the output holds them
     interrupted = False
     stopped: Optional[BaseException] = None
     try:
-        if options.cancel:
-            batch.cancel()
-        else:
-            batch._state["cancelled"] = False
-            covered = _pending_lines(batch)
-            planned = batch._plan(_requests(options, job, covered, writer))
-            batch._state["inputs"] = batch._state.get("inputs", 0) + sum(chunk.keys for chunk in planned)
-            batch._save()
-        batch.wait(progress=lambda _: _show(progress, batch, writer, job))
+        with batch._exclusive():
+            pending = _pending_lines(batch)
+            if options.cancel:
+                for task in read_tasks(options.input, job.skip, options.endpoint, options.model):
+                    current.set(task.line, task.digest)
+                batch.cancel()
+            else:
+                batch._state["cancelled"] = False
+                batch._plan(_requests(options, job, pending, writer, current))
+            batch.wait(progress=lambda _: _show(progress, batch, writer, job))
     except KeyboardInterrupt:
         interrupted = True
     except openai.OpenAIError as error:  # no quota, a rejected key, a service down for longer than the retries
         stopped = error
+    except RuntimeError as error:  # another process runs this job
+        raise UsageError(str(error)) from None
     finally:
         output.close()
         if progress is not None:
@@ -124,25 +127,28 @@ def _show(progress: Any, batch: BatchJob, writer: Writer, job: Prepared) -> None
     progress.refresh()
 
 
-def _pending_lines(batch: BatchJob) -> Set[int]:
-    """Lines a chunk not yet settled covers: not planned again."""
-    lines: Set[int] = set()
+def _pending_lines(batch: BatchJob) -> Dict[int, int]:
+    """Line → the hash (as :func:`~throttled_openai.cli._hash_value`) of the version a chunk not yet
+    settled holds a request for."""
+    lines: Dict[int, int] = {}
     for chunk in batch._chunks:
         if chunk.phase != "done":
             with open(batch._store.file(chunk.n, "keys"), "rb") as keys:
                 for raw in keys:
-                    lines.update(json.loads(raw)[1])
+                    _, numbers, notes = json.loads(raw)
+                    for line, note in zip(numbers, notes or [None] * len(numbers)):
+                        lines[line] = _hash_value(note[0] if isinstance(note, list) else None)
     return lines
 
 
-def _requests(options: Options, job: Prepared, covered: Set[int], writer: Writer) -> Iterator[batch_api.Planned]:
-    """The input's lines to send, as Batch API requests: ``(url, body, lines, notes)``; a bad line's
-    error result goes straight to the output. Compatible single-prompt completions lines share a
-    request (up to 20, within ``_HOLD_LINES`` lines of the first)."""
+def _requests(
+    options: Options, job: Prepared, pending: Dict[int, int], writer: Writer, current: LineHashes
+) -> Iterator[batch_api.Planned]:
+    """The input's lines to send, as Batch API requests: ``(url, body, lines, notes)``, but for lines a
+    pending request stands for (made for this very version of the line); a bad line's error result goes
+    straight to the output. Records each line's hash in ``current``. Compatible single-prompt
+    completions lines share a request (up to 20, within ``_HOLD_LINES`` lines of the first)."""
     groups: Dict[str, List[Task]] = {}
-
-    def skip(line: int) -> bool:
-        return job.skip(line) or line in covered
 
     def shared(tasks: List[Task]) -> batch_api.Planned:
         body = (
@@ -152,7 +158,10 @@ def _requests(options: Options, job: Prepared, covered: Set[int], writer: Writer
         )
         return batch_api.BATCH_URLS["completions"], body, [t.line for t in tasks], [_note(t) for t in tasks]
 
-    for item in read_tasks(options.input, skip, options.endpoint, options.model):
+    for item in read_tasks(options.input, job.skip, options.endpoint, options.model):
+        current.set(item.line, item.digest)
+        if item.line in pending and pending[item.line] == _hash_value(item.digest):
+            continue  # its request is in a batch already
         if isinstance(item, Result):
             writer.put(item)
             continue
@@ -174,12 +183,15 @@ def _note(task: Task) -> Tuple[Optional[str], bool, Any]:
     return (task.digest, task.has_metadata, task.metadata)
 
 
-def _deliver(results: Iterator[KeyResult], writer: Writer) -> None:
-    """A settled chunk's results into the output; a line that already has a response keeps it."""
+def _deliver(results: Iterator[KeyResult], writer: Writer, current: LineHashes) -> None:
+    """A settled chunk's results into the output, but for lines that already have a response, and for
+    lines that changed (or went) since their request was made: those were planned anew."""
     for result in results:
         if writer.state.get(result.key, "missing") is None:
             continue  # written before a crash that came before the chunk was marked settled
         digest, has_metadata, metadata = result.note if isinstance(result.note, list) else (None, False, None)
+        if current.get(result.key) != _hash_value(digest):
+            continue
         writer.put(
             Result(
                 result.key,

@@ -1149,13 +1149,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     batch.add_argument(
         "--poll-interval",
         type=float,
-        default=5.0,
         metavar="S",
         help="seconds between polls at first; it grows by half while nothing changes (default 5)",
     )
-    batch.add_argument(
-        "--max-poll-interval", type=float, default=60.0, metavar="S", help="longest wait between polls (default 60)"
-    )
+    batch.add_argument("--max-poll-interval", type=float, metavar="S", help="longest wait between polls (default 60)")
     parser.add_argument("--api-key", help="API key (default: $OPENAI_API_KEY); never printed or written")
     parser.add_argument("--base-url", help="API base URL (default: $OPENAI_BASE_URL, else OpenAI's)")
 
@@ -1171,6 +1168,11 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     add_arguments(parser)
     parser.set_defaults(run_parser=parser)
     return parser
+
+
+def batch_state_path(output: str) -> str:
+    """Where ``--batch-api`` keeps the job of ``output``: ``OUTPUT.batch.json`` (and a folder beside it)."""
+    return output + ".batch.json"
 
 
 def _check_input(path: str) -> None:
@@ -1211,13 +1213,18 @@ def options_from(args: argparse.Namespace) -> Options:
         raise UsageError("--max-workers must be >= 1")
     if args.max_connection_failures < 0:
         raise UsageError("--max-connection-failures must be >= 0")
-    if (args.cancel or args.queue_tokens is not None or args.fallback != "batch") and not args.batch_api:
-        raise UsageError("--cancel, --queue-tokens and --fallback go with --batch-api")
+    batch_only = (args.cancel, args.queue_tokens, args.fallback != "batch", args.poll_interval, args.max_poll_interval)
+    if any(value not in (None, False) for value in batch_only) and not args.batch_api:
+        raise UsageError("--cancel, --queue-tokens, --fallback and the poll intervals go with --batch-api")
+    if args.cancel and not os.path.exists(batch_state_path(args.output)):
+        raise UsageError(f"no batch job to cancel: {batch_state_path(args.output)} does not exist")
     if args.queue_tokens is not None and args.queue_tokens < 1:
         raise UsageError("--queue-tokens must be >= 1")
-    if not (args.poll_interval > 0 and math.isfinite(args.poll_interval)):
+    poll = 5.0 if args.poll_interval is None else args.poll_interval
+    longest = max(60.0, poll) if args.max_poll_interval is None else args.max_poll_interval
+    if not (poll > 0 and math.isfinite(poll)):
         raise UsageError("--poll-interval must be a finite number > 0")
-    if not (args.max_poll_interval >= args.poll_interval and math.isfinite(args.max_poll_interval)):
+    if not (longest >= poll and math.isfinite(longest)):
         raise UsageError("--max-poll-interval must be a finite number >= --poll-interval")
     api_key = args.api_key or os.environ.get("OPENAI_API_KEY")
     if not api_key:
@@ -1241,8 +1248,8 @@ def options_from(args: argparse.Namespace) -> Options:
         queue_tokens=args.queue_tokens,
         fallback=args.fallback,
         cancel=args.cancel,
-        poll_interval=args.poll_interval,
-        max_poll_interval=args.max_poll_interval,
+        poll_interval=poll,
+        max_poll_interval=longest,
     )
 
 
