@@ -2,9 +2,10 @@
 
     python examples/batch_job.py [state.json]
 
-Run it, stop it (Ctrl-C, or kill it), run it again with the same state file: the second run finds the
-batches the first one created and collects them, instead of submitting (and paying for) them again.
-Without OPENAI_API_KEY it runs against the built-in fake server, whose batches finish in a second.
+With OPENAI_API_KEY set, run it, stop it (Ctrl-C, or kill it), and run it again with the same state
+file: the second run finds the batches the first one created and collects them, instead of submitting
+(and paying for) them again. Without a key it runs against the built-in fake server, whose batches
+finish in a second (a new fake each run: its batches do not outlive it).
 """
 
 from __future__ import annotations
