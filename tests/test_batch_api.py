@@ -404,3 +404,20 @@ def test_one_process_at_a_time_drives_a_job(server: FakeOpenAI, tmp_path: Path) 
     with job._store.locked(), pytest.raises(RuntimeError, match="another process"):  # as another process would
         BatchJob.open(client_for(server), state, **FAST).wait()
     assert len(job.wait(timeout=30).results()) == 3
+
+
+def test_ctrl_c_in_wait_leaves_the_batches_running_and_says_how_to_carry_on(
+    server: FakeOpenAI, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    server.batch_speed = 0
+    job = client_for(server).batch_chat_completions(conversations(3), model=CHAT, state=str(tmp_path / "j"), **FAST)
+
+    def interrupt(_: BatchJob) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        job.wait(progress=interrupt)
+    assert "keep running" in caplog.text and "BatchJob.open" in caplog.text
+    assert [b["status"] for b in server.batches()] in (["validating"], ["in_progress"])  # not cancelled
+    server.batch_speed = 5000
+    assert len(BatchJob.open(client_for(server), str(tmp_path / "j"), **FAST).wait(timeout=30).results()) == 3

@@ -1062,6 +1062,15 @@ class BatchJob:
                         raise TimeoutError(f"batch job {self.job_id} is not done after {timeout} s; it keeps running")
                     pause = min(pause, left)
                 time.sleep(pause)
+        except KeyboardInterrupt:
+            if self._keep_results:  # the Python API (the command line says it in its own summary)
+                log.warning(
+                    "throttled_openai: batch job %s interrupted; its batches keep running: wait() again, or open "
+                    "the job later with BatchJob.open(client, %r) or the same batch_*() call",
+                    self.job_id,
+                    self.state_path,
+                )
+            raise
         finally:
             if bar is not None:
                 bar.close()
