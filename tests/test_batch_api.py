@@ -176,8 +176,9 @@ def test_server_errors_per_line_are_sent_again_and_a_bad_request_ends_with_its_e
 
 
 def test_the_queue_limit_is_learned_and_later_chunks_wait_for_earlier_ones(tmp_path: Path) -> None:
-    # Each chunk of 20 conversations holds ~260 input tokens; the queue takes 400: one chunk at a time.
-    with fake(batch_queue_tokens=400, batch_speed=400.0) as server:
+    # Each chunk of 20 conversations holds 200 input tokens; the queue takes 400: two at a time. The
+    # three are created before the limit is known, and run 0.5 s each: the third is refused, then waits.
+    with fake(batch_queue_tokens=400, batch_speed=40.0) as server:
         job = client_for(server).batch_chat_completions(
             conversations(60), model=CHAT, state=str(tmp_path / "j.json"), max_requests=20, **FAST
         )
