@@ -709,7 +709,7 @@ def test_batch_options_are_checked(kwargs: Dict[str, Any]) -> None:
 
 def test_statuses_seen_by_polling(make_server: Callable[..., FakeOpenAI]) -> None:
     """A batch polled all the way through passes the statuses in their order."""
-    server = make_server(batch_speed=100, batch_validation_seconds=0.2, batch_finalizing_seconds=0.3)
+    server = make_server(batch_speed=100, batch_validation_seconds=1.0, batch_finalizing_seconds=0.3)  # slow-CI room
     c = client(server)
     batch = submit(c, [chat_line(i) for i in range(40)])
     seen: List[str] = []
