@@ -169,11 +169,7 @@ class _Request:
 
     def alone(self, i: int, field_name: Optional[str]) -> _Request:
         """The request input ``i`` of this shared one would have been alone, with an id of its own."""
-        body = (
-            self.body
-            if len(self.keys) == 1 or field_name is None
-            else {**self.body, field_name: self.body[field_name][i]}
-        )
+        body = _part(self.body, field_name, i, len(self.keys))
         notes = [self.notes[i]] if self.notes else None
         return _Request(f"{self.custom_id}.{i}", [self.keys[i]], notes, body)
 
