@@ -836,6 +836,46 @@ class RateLimiter:
         with self._lock:
             return self._state(key, self._clock()).calibration.factor
 
+    # -- the asyncio face (TEMPORARY STUBS: the real waits land next) -------------------------------
+
+    async def aacquire(self, key: LimitKey, tokens: int, *, timeout: Optional[float] = None) -> Reservation:
+        """:meth:`acquire` for a coroutine: waits without blocking its event loop's thread."""
+        import asyncio
+
+        return await asyncio.get_running_loop().run_in_executor(None, lambda: self.acquire(key, tokens, timeout=timeout))
+
+    async def acancel(self, reservation: Reservation) -> None:
+        """:meth:`cancel` for a coroutine."""
+        self.cancel(reservation)
+
+    async def asettle(self, reservation: Reservation, used_tokens: Optional[int]) -> None:
+        """:meth:`settle` for a coroutine."""
+        self.settle(reservation, used_tokens)
+
+    async def aobserve(self, reservation: Reservation, headers: RateLimitHeaders, status: int = 200) -> None:
+        """:meth:`observe` for a coroutine."""
+        self.observe(reservation, headers, status)
+
+    async def alearn_from_message(self, reservation: Reservation, message: LimitMessage) -> None:
+        """:meth:`learn_from_message` for a coroutine."""
+        self.learn_from_message(reservation, message)
+
+    async def apause(self, reservation: Reservation, seconds: float, kind: str = "") -> None:
+        """:meth:`pause` for a coroutine."""
+        self.pause(reservation, seconds, kind)
+
+    async def arequest_rate(self, key: LimitKey) -> Optional[float]:
+        """:meth:`request_rate` for a coroutine."""
+        return self.request_rate(key)
+
+    async def alimits_known(self, key: LimitKey) -> bool:
+        """:meth:`limits_known` for a coroutine."""
+        return self.limits_known(key)
+
+    async def atoken_burst(self, key: LimitKey) -> Optional[float]:
+        """:meth:`token_burst` for a coroutine."""
+        return self.token_burst(key)
+
     # -- looking at it ---------------------------------------------------------------------------
 
     def snapshot(self) -> Dict[str, Dict[str, Any]]:
