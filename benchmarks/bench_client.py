@@ -64,10 +64,40 @@ class Result:
         )
 
 
-def run(label: str, scenario: Scenario, make_client: Callable[[str], Any]) -> Result:
-    with ServerProcess(
+def scenarios(quick: bool = False) -> List[Scenario]:
+    """The two scenarios, shared with bench_async.py; ``quick`` runs 0.4 of the calls."""
+    scale = 0.4 if quick else 1.0
+    return [
+        # RPM binds: 20 requests/s, tokens plentiful.
+        Scenario("RPM-bound: 1,200 RPM", rpm=1200, tpm=10_000_000, calls=int(600 * scale), max_tokens=20),
+        # TPM binds: 1,000 tokens/s; each call reserves ~60 tokens and uses ~21.
+        Scenario("TPM-bound: 60,000 TPM", rpm=100_000, tpm=60_000, calls=int(1000 * scale), max_tokens=40),
+    ]
+
+
+def server_for(scenario: Scenario) -> ServerProcess:
+    """The fake server of a scenario (its own process): a 1 s bucket, 30-60 ms latency."""
+    return ServerProcess(
         rpm=scenario.rpm, tpm=scenario.tpm, bucket_seconds=1.0, latency=0.03, latency_jitter=0.03, seed=1
-    ) as server:
+    )
+
+
+def request(i: int, scenario: Scenario) -> Dict[str, Any]:
+    """The arguments of call ``i``'s ``chat.completions.create``."""
+    return {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": f"Write a short line about the number {i}."}],
+        "max_tokens": scenario.max_tokens,
+    }
+
+
+def ceiling(scenario: Scenario, tokens_per_call: float) -> float:
+    """Calls/s the limits allow, with the tokens a call really uses (the server refunds the rest)."""
+    return min(scenario.rpm / 60.0, scenario.tpm / 60.0 / max(1.0, tokens_per_call))
+
+
+def run(label: str, scenario: Scenario, make_client: Callable[[str], Any]) -> Result:
+    with server_for(scenario) as server:
         client = make_client(server.base_url)
         done_at: List[float] = []
         usage: List[int] = []
@@ -77,11 +107,7 @@ def run(label: str, scenario: Scenario, make_client: Callable[[str], Any]) -> Re
 
         def one(i: int) -> None:
             try:
-                reply = client.chat.completions.create(
-                    model="gpt-4o-mini",
-                    messages=[{"role": "user", "content": f"Write a short line about the number {i}."}],
-                    max_tokens=scenario.max_tokens,
-                )
+                reply = client.chat.completions.create(**request(i, scenario))
             except Exception as exc:
                 with lock:
                     failures.append(exc)
@@ -104,7 +130,6 @@ def run(label: str, scenario: Scenario, make_client: Callable[[str], Any]) -> Re
         timer.cancel()
         served = server.stats()
     tokens_per_call = sum(usage) / max(1, len(usage))
-    ceiling = min(scenario.rpm / 60.0, scenario.tpm / 60.0 / max(1.0, tokens_per_call))
     done_at.sort()
     steady = _steady_rate(done_at)
     return Result(
@@ -113,7 +138,7 @@ def run(label: str, scenario: Scenario, make_client: Callable[[str], Any]) -> Re
         failed=len(failures),
         wall=wall,
         steady=steady,
-        ceiling=ceiling,
+        ceiling=ceiling(scenario, tokens_per_call),
         http_requests=served["requests"],
         rate_limited=served["rate_limited"],
         rate_limited_late=served["rate_limited"] - early.get("rate_limited", served["rate_limited"]),
@@ -134,15 +159,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer calls per scenario")
     args = parser.parse_args(argv)
-    scale = 0.4 if args.quick else 1.0
-    scenarios = [
-        # RPM binds: 20 requests/s, tokens plentiful.
-        Scenario("RPM-bound: 1,200 RPM", rpm=1200, tpm=10_000_000, calls=int(600 * scale), max_tokens=20),
-        # TPM binds: 1,000 tokens/s; each call reserves ~60 tokens and uses ~21.
-        Scenario("TPM-bound: 60,000 TPM", rpm=100_000, tpm=60_000, calls=int(1000 * scale), max_tokens=40),
-    ]
     print(f"{THREADS} threads, chat completions, fake server with a 1 s bucket and 30-60 ms latency.\n")
-    for scenario in scenarios:
+    for scenario in scenarios(args.quick):
         throttled = run(
             "ThrottledClient",
             scenario,
