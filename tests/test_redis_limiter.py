@@ -31,6 +31,7 @@ from throttled_openai import (
     RateLimitTimeout,
     RedisRateLimiter,
     RequestTooLarge,
+    Reservation,
     ThrottledClient,
 )
 from throttled_openai.headers import parse_rate_limit_headers
@@ -803,3 +804,110 @@ def test_repr_shows_each_models_state_as_this_process_sees_it_and_never_a_secret
     assert "gpt-4o-mini: rpm=1200.0 (headers) level=" in alone
     for text in (shared, alone, str(limiter)):
         assert password not in text and SECRET not in text and SECRET[5:-4] not in text
+
+
+# -- the asyncio face: the same scripts, through a redis.asyncio client per event loop ------------
+
+
+def test_tasks_of_two_loops_and_threads_share_one_budget_through_redis(url: str) -> None:
+    rate = 20.0  # requests per second
+    limiters = [make(url, rpm=rate * 60, initial_burst=0.3) for _ in range(2)]  # two processes, say
+    taken: List[float] = []
+    lock = threading.Lock()
+
+    async def tasks(limiter: RedisRateLimiter) -> None:
+        async def one() -> None:
+            reservation = await limiter.aacquire(KEY, 0)
+            with lock:
+                taken.append(reservation.ready_at)
+
+        await asyncio.gather(*(one() for _ in range(8)))
+        await limiter.aclose()
+
+    def thread_calls(limiter: RedisRateLimiter) -> None:
+        for _ in range(8):
+            reservation = limiter.acquire(KEY, 0)
+            with lock:
+                taken.append(reservation.ready_at)
+
+    workers = [threading.Thread(target=asyncio.run, args=(tasks(limiter),)) for limiter in limiters]
+    workers += [threading.Thread(target=thread_calls, args=(limiter,)) for limiter in limiters]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+    assert len(taken) == 32
+    stamps = sorted(taken)
+    for i, stamp in enumerate(stamps):  # the burst (6 at most), then the refill: never more
+        assert i + 1 <= 7 + (stamp - stamps[0]) * rate * 1.05
+
+
+def test_async_settle_and_cancel_give_back_in_redis(url: str) -> None:
+    limiter, other = make(url, tpm=60_000), make(url, tpm=60_000)  # 1,000 tokens per second, a burst of 1,000
+
+    async def main() -> None:
+        reservation = await limiter.aacquire(KEY, 1_000)
+        await limiter.asettle(reservation, 100)  # 900 back
+        cancelled = await limiter.aacquire(KEY, 900)
+        await limiter.acancel(cancelled)  # all of it back
+        await limiter.aclose()
+
+    asyncio.run(main())
+    started = time.monotonic()
+    other.acquire(KEY, 850, timeout=0.5)  # there without waiting for a refill
+    assert time.monotonic() - started < 0.5
+
+
+def test_a_task_that_gives_up_leaves_the_line_across_processes_at_once(url: str) -> None:
+    first, other = make(url, tpm=60_000), make(url, tpm=60_000)
+    store = redis.Redis.from_url(url)
+    in_line = lambda: [f for f in store.hkeys(first.redis_key(KEY)) if f.startswith(b"wa:")]  # noqa: E731
+
+    async def main() -> None:
+        await first.aacquire(KEY, 1_000)
+        big = asyncio.ensure_future(first.aacquire(KEY, 5_000))
+        deadline = time.monotonic() + 30
+        while not in_line():
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        big.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await big
+        await first.aclose()
+
+    asyncio.run(main())
+    assert in_line() == []  # gone now, not when its lease lapses
+    other.acquire(KEY, 100, timeout=2)
+
+
+def test_async_callers_fail_fast_or_limit_alone_when_redis_is_down(server: RedisServer, url: str) -> None:
+    failing, alone = make(url, rpm=600, on_error="raise"), make(url, rpm=600, on_error="local")
+
+    async def main() -> None:
+        await failing.aacquire(KEY, 0)  # the async clients connect while Redis is up
+        await alone.aacquire(KEY, 0)
+        server.kill()
+        try:
+            with pytest.raises(LimiterUnavailable):
+                await failing.aacquire(KEY, 0, timeout=5)
+            assert isinstance(await alone.aacquire(KEY, 0, timeout=5), Reservation)
+            assert alone.local_only
+        finally:
+            server.start()
+
+    asyncio.run(main())
+
+
+def test_the_async_client_is_made_from_a_given_sync_client(url: str) -> None:
+    given = redis.Redis.from_url(url, socket_timeout=1.0)
+    limiter = RedisRateLimiter(given, rpm=600)
+
+    async def main() -> None:
+        reservation = await limiter.aacquire(KEY, 10)
+        await limiter.asettle(reservation, 5)
+        assert await limiter.alimits_known(KEY) is False  # no tpm configured, no answer yet
+        assert await limiter.arequest_rate(KEY) == pytest.approx(10.0, rel=0.05)
+        await limiter.aclose()
+
+    asyncio.run(main())
+    assert given.hget(limiter.redis_key(KEY), "rbooked") is not None  # the same hash as sync callers use

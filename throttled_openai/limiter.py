@@ -31,10 +31,11 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Deque, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, Mapping, Optional, Tuple, Union
 
 from .errors import BudgetExhausted, Cancelled, RateLimitTimeout, RequestTooLarge, describe_window
 from .headers import LimitMessage, RateLimitHeaders
+from .waiting import Steps, TaskWaiter, ThreadWaiter, Wait, Waiter, adrive, drive
 from .windows import MINUTE, Calibration, Refunds, WindowVote, estimate_window
 
 __all__ = ["LimitKey", "Limits", "RateLimiter", "Reservation"]
@@ -213,15 +214,16 @@ class _Bucket:
 
 
 class _Ticket:
-    """A caller waiting in line behind the head; the head sets ``turn`` when it is this caller's go.
-    ``too_large``: set (with ``turn``) when a limit learned meanwhile is below the caller's cost."""
+    """A caller waiting in line behind the head; the head sets ``turn`` (the caller's waiter: a thread's
+    event or a task's future) when it is this caller's go. ``too_large``: set (with ``turn``) when a
+    limit learned meanwhile is below the caller's cost."""
 
     __slots__ = ("tokens", "too_large", "turn")
 
-    def __init__(self, tokens: int) -> None:
+    def __init__(self, tokens: int, turn: Waiter) -> None:
         self.tokens = tokens
         self.too_large: Optional[RequestTooLarge] = None
-        self.turn = threading.Event()
+        self.turn = turn
 
 
 class _KeyState:
@@ -244,10 +246,10 @@ class _KeyState:
         "shrunk_at",
         "tokens",
         "votes",
-        "wakeup",
+        "waiter",
     )
 
-    def __init__(self, limits: Limits, headroom: float, initial_burst: float, now: float, lock: threading.Lock) -> None:
+    def __init__(self, limits: Limits, headroom: float, initial_burst: float, now: float) -> None:
         self.requests = _Bucket(limits.rpm, headroom, initial_burst, now)
         self.tokens = _Bucket(limits.tpm, headroom, initial_burst, now)
         # Long-window limits (per day or longer) by kind, learned from headers or 429 messages.
@@ -269,7 +271,7 @@ class _KeyState:
         self.shrunk_at = -math.inf
         self.head = False  # someone is at the head of the line
         self.line: Deque[_Ticket] = deque()
-        self.wakeup = threading.Condition(lock)  # the head waits here; refunds and answers notify it
+        self.waiter: Optional[Waiter] = None  # the head's, while it waits: refunds and answers wake it
 
     def minute(self, kind: str) -> _Bucket:
         return self.requests if kind == "requests" else self.tokens
@@ -371,7 +373,7 @@ class RateLimiter:
         state = self._keys.get(key)
         if state is None:
             limits = self.limits_for(key[1])
-            state = self._keys[key] = _KeyState(limits, self._headroom, self._initial_burst, now, self._lock)
+            state = self._keys[key] = _KeyState(limits, self._headroom, self._initial_burst, now)
         return state
 
     # -- taking capacity -------------------------------------------------------------------------
@@ -397,6 +399,18 @@ class RateLimiter:
         wait ends within a quarter of a second with :class:`Cancelled`. A wait that ends in an exception
         (a timeout, a cancel, Ctrl-C) takes nothing.
         """
+        return drive(self._acquiring(key, tokens, timeout, cancel, ThreadWaiter()))
+
+    async def aacquire(self, key: LimitKey, tokens: int, *, timeout: Optional[float] = None) -> Reservation:
+        """:meth:`acquire` for a coroutine: the same line (threads and tasks of any loop share it),
+        waited in without blocking the event loop. Cancelling the task (``task.cancel()``,
+        ``asyncio.wait_for``) leaves the line at once and takes nothing; the next caller goes."""
+        return await adrive(self._acquiring(key, tokens, timeout, None, TaskWaiter()))
+
+    def _acquiring(
+        self, key: LimitKey, tokens: int, timeout: Optional[float], cancel: Optional[threading.Event], waiter: Waiter
+    ) -> Steps[Reservation]:
+        """:meth:`acquire` as steps (see ``waiting.py``): join the line, wait for the turn, take at the head."""
         if isinstance(tokens, bool) or not isinstance(tokens, int):
             raise TypeError(f"tokens must be an int, got {tokens!r}")
         if tokens < 0:
@@ -414,13 +428,13 @@ class RateLimiter:
                 soonest = self._projected_turn(key, state, start)
                 if soonest > deadline:
                     raise RateLimitTimeout(key[1], retry_after=soonest - start, max_wait=timeout or 0.0)
-                ticket = _Ticket(charge)
+                ticket = _Ticket(charge, waiter)
                 state.line.append(ticket)
             else:
                 state.head = True
         try:
             if ticket is not None:
-                while not ticket.turn.wait(_slice(deadline - self._clock(), cancel)):
+                while not (yield Wait(waiter, _slice(deadline - self._clock(), cancel))):
                     if cancel is not None and cancel.is_set():
                         raise Cancelled(f"wait for model {key[1]!r} cancelled")
                     now = self._clock()
@@ -434,25 +448,37 @@ class RateLimiter:
             with self._lock:
                 # The line may have waited long for that turn, and the factor moved: count again.
                 charge = state.calibration.charge(tokens)
-                try:
-                    reservation = self._wait_and_take(key, state, charge, deadline, timeout, cancel)
-                finally:
+            try:
+                reservation = yield from self._taking(key, state, charge, deadline, timeout, cancel, waiter)
+            finally:
+                with self._lock:
                     state.tokens.hold = 0.0
+                    if state.waiter is waiter:
+                        state.waiter = None
+            with self._lock:
                 reservation.estimate = tokens
                 reservation.quiet = state.in_flight == 0 and reservation.ready_at >= state.full_at
                 state.in_flight += 1
                 return reservation
         finally:
-            # However this ends (taken, timed out, interrupted): leave the line, or pass the head role on.
+            # However this ends (taken, timed out, interrupted, cancelled): leave the line, or pass the
+            # head role on.
             with self._lock:
                 if ticket is not None and ticket in state.line:
                     state.line.remove(ticket)  # never became head
                 elif ticket is not None and ticket.too_large is not None:
                     pass  # taken out of the line as too large: never became head
-                elif state.line:
-                    state.line.popleft().turn.set()  # `head` stays True: the next caller holds it
                 else:
-                    state.head = False
+                    self._pass_head(state)
+
+    @staticmethod
+    def _pass_head(state: _KeyState) -> None:
+        """Give the head role to the next caller in line that can still wake (``head`` stays True), or
+        free it. A task whose event loop was closed meanwhile can never take its turn: it is skipped."""
+        while state.line:
+            if state.line.popleft().turn.set():
+                return
+        state.head = False
 
     def _projected_turn(self, key: LimitKey, state: _KeyState, now: float) -> float:
         """When a caller joining the line now could go, if every caller ahead takes one request: a
@@ -464,7 +490,7 @@ class RateLimiter:
         ahead = len(state.line) + 1  # the line plus the head
         return max(now + max(0.0, ahead + 1 - bucket.level) / bucket.rate, state.paused_until)
 
-    def _wait_and_take(
+    def _taking(
         self,
         key: LimitKey,
         state: _KeyState,
@@ -472,41 +498,64 @@ class RateLimiter:
         deadline: float,
         timeout: Optional[float],
         cancel: Optional[threading.Event],
-    ) -> Reservation:
+        waiter: Waiter,
+    ) -> Steps[Reservation]:
+        """The head's part: wait until both buckets hold the call, then take. Woken early by refunds,
+        answers and pauses (:meth:`_wake`), to count again."""
         while True:
-            if cancel is not None and cancel.is_set():
-                raise Cancelled(f"wait for model {key[1]!r} cancelled")
-            too_large = state.too_large(key[1], tokens)  # a limit may have been learned meanwhile
-            if too_large is not None:
-                raise too_large
-            now = self._clock()
-            # A call bigger than the burst waits for its whole cost, not for a full (smaller) bucket.
-            state.tokens.hold = tokens if tokens > state.tokens.capacity else 0.0
-            if not state.learned and state.probe is not None:
-                go_at = deadline  # until the probe's answer arrives; its end wakes us
-                if now >= deadline:
-                    raise RateLimitTimeout(key[1], retry_after=1.0, max_wait=timeout or 0.0)
-            else:
-                state.requests.advance(now)
-                state.tokens.advance(now)
-                go_at = max(
-                    state.requests.earliest(1, now),
-                    state.tokens.earliest(tokens, now),
-                    state.paused_until,
-                    self._budgets_ready(key, state, tokens, now, deadline, timeout),
-                )
-                if go_at <= now:
-                    for kind, units in (("requests", 1), ("tokens", tokens)):
-                        for bucket in state.buckets(kind):
-                            bucket.take(units)
-                    reservation = Reservation(key, tokens, now, (state.requests.booked, state.tokens.booked))
-                    if not state.learned:
-                        state.probe = reservation
-                        reservation.probe = True
-                    return reservation
-                if go_at > deadline:
-                    raise RateLimitTimeout(key[1], retry_after=go_at - now, max_wait=timeout or 0.0)
-            self._wait_locked(state, go_at - now if cancel is None else min(go_at - now, _CANCEL_CHECK_SECONDS))
+            with self._lock:
+                self._watch(state, waiter)
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled(f"wait for model {key[1]!r} cancelled")
+                taken = self._try_take(key, state, tokens, deadline, timeout)
+                if isinstance(taken, Reservation):
+                    return taken
+                wait = taken - self._clock()
+            yield Wait(waiter, wait if cancel is None else min(wait, _CANCEL_CHECK_SECONDS), self._sleep)
+
+    @staticmethod
+    def _watch(state: _KeyState, waiter: Waiter) -> None:
+        """Make ``waiter`` the one woken when ``state`` changes, from now on (under the lock, before
+        looking at the state: a change after the look wakes it)."""
+        state.waiter = waiter
+        waiter.clear()
+
+    def _try_take(
+        self, key: LimitKey, state: _KeyState, tokens: int, deadline: float, timeout: Optional[float]
+    ) -> Union[Reservation, float]:
+        """Take one request and ``tokens`` now if both buckets (and the budgets) hold them, else return
+        when to look again (``math.inf``: only when woken). Raises when that is past ``deadline``, or
+        when a limit learned meanwhile can never hold the call. Called under the lock, by the head."""
+        too_large = state.too_large(key[1], tokens)
+        if too_large is not None:
+            raise too_large
+        now = self._clock()
+        # A call bigger than the burst waits for its whole cost, not for a full (smaller) bucket.
+        state.tokens.hold = tokens if tokens > state.tokens.capacity else 0.0
+        if not state.learned and state.probe is not None:
+            if now >= deadline:
+                raise RateLimitTimeout(key[1], retry_after=1.0, max_wait=timeout or 0.0)
+            return deadline  # until the probe's answer arrives; its end wakes us
+        state.requests.advance(now)
+        state.tokens.advance(now)
+        go_at = max(
+            state.requests.earliest(1, now),
+            state.tokens.earliest(tokens, now),
+            state.paused_until,
+            self._budgets_ready(key, state, tokens, now, deadline, timeout),
+        )
+        if go_at > now:
+            if go_at > deadline:
+                raise RateLimitTimeout(key[1], retry_after=go_at - now, max_wait=timeout or 0.0)
+            return go_at
+        for kind, units in (("requests", 1), ("tokens", tokens)):
+            for bucket in state.buckets(kind):
+                bucket.take(units)
+        reservation = Reservation(key, tokens, now, (state.requests.booked, state.tokens.booked))
+        if not state.learned:
+            state.probe = reservation
+            reservation.probe = True
+        return reservation
 
     @staticmethod
     def _budgets_ready(
@@ -560,16 +609,12 @@ class RateLimiter:
                 else:
                     bucket.give_back(-extra)
 
-    def _wait_locked(self, state: _KeyState, seconds: float) -> None:
-        """Wait (the lock held on entry and exit) up to ``seconds``, or less if notified."""
-        if self._sleep is None:
-            state.wakeup.wait(None if seconds == math.inf else seconds)
-            return
-        self._lock.release()
-        try:
-            self._sleep(seconds)
-        finally:
-            self._lock.acquire()
+    @staticmethod
+    def _wake(state: _KeyState) -> None:
+        """Tell the head of ``state``'s line that something changed (a refund, an answer, a pause): it
+        counts again. Called under the lock, from any thread."""
+        if state.waiter is not None:
+            state.waiter.set()
 
     # -- ending a reservation --------------------------------------------------------------------
 
@@ -586,7 +631,7 @@ class RateLimiter:
                     bucket.advance(now)
                     bucket.give_back(units)
             self._end_probe(state, reservation, learned=False)
-            state.wakeup.notify()
+            self._wake(state)
 
     def settle(self, reservation: Reservation, used_tokens: Optional[int]) -> None:
         """End a sent request: charge its real token usage instead of the estimate.
@@ -607,14 +652,14 @@ class RateLimiter:
                 extra = self._settled_extra(state, reservation, used_tokens, now)
                 self._charge_usage(state.buckets("tokens"), extra, now)
                 if extra < 0:
-                    state.wakeup.notify()
+                    self._wake(state)
             self._end_probe(state, reservation, learned=False)
 
     def _end_probe(self, state: _KeyState, reservation: Reservation, *, learned: bool) -> None:
         if state.probe is reservation:
             state.probe = None
             state.learned = state.learned or learned
-            state.wakeup.notify()
+            self._wake(state)
 
     # -- learning from the server ----------------------------------------------------------------
 
@@ -677,7 +722,7 @@ class RateLimiter:
             learned = accepted or headers.limit_requests is not None or headers.limit_tokens is not None
             self._end_probe(state, reservation, learned=learned)
             self._reject_too_large(reservation.key, state)
-            state.wakeup.notify()
+            self._wake(state)
 
     def _read_windows(
         self, state: _KeyState, reservation: Reservation, headers: RateLimitHeaders, accepted: bool, now: float
@@ -776,7 +821,7 @@ class RateLimiter:
                 left = message.limit - message.used if message.used is not None else 0.0
                 budget.level = min(budget.level, max(0.0, left))
             self._reject_too_large(reservation.key, state)
-            state.wakeup.notify()
+            self._wake(state)
 
     @staticmethod
     def _reject_too_large(key: LimitKey, state: _KeyState) -> None:
@@ -785,7 +830,7 @@ class RateLimiter:
         for ticket in [t for t in state.line if state.too_large(key[1], t.tokens) is not None]:
             state.line.remove(ticket)
             ticket.too_large = state.too_large(key[1], ticket.tokens)
-            ticket.turn.set()
+            ticket.turn.set()  # (a task whose loop is closed will never look)
 
     def pause(self, reservation: Reservation, seconds: float, kind: str = "") -> None:
         """The server refused ``reservation`` with a rate-limit 429: every caller of its key waits
@@ -836,13 +881,7 @@ class RateLimiter:
         with self._lock:
             return self._state(key, self._clock()).calibration.factor
 
-    # -- the asyncio face (TEMPORARY STUBS: the real waits land next) -------------------------------
-
-    async def aacquire(self, key: LimitKey, tokens: int, *, timeout: Optional[float] = None) -> Reservation:
-        """:meth:`acquire` for a coroutine: waits without blocking its event loop's thread."""
-        import asyncio
-
-        return await asyncio.get_running_loop().run_in_executor(None, lambda: self.acquire(key, tokens, timeout=timeout))
+    # -- the asyncio face: what never waits is the same call ----------------------------------------
 
     async def acancel(self, reservation: Reservation) -> None:
         """:meth:`cancel` for a coroutine."""

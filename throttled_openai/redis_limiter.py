@@ -29,15 +29,17 @@ first time, or not for longer than its TTL, starts with its burst. In both cases
 
 from __future__ import annotations
 
+import asyncio
+import importlib
 import inspect
 import logging
 import math
 import random
 import threading
 import time
+import weakref
 from collections import deque
-from contextlib import contextmanager
-from typing import Any, Callable, Deque, Dict, Iterator, List, Mapping, Optional, Set, Tuple, Type, Union
+from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Set, Tuple, Type, Union
 
 from .errors import Cancelled, LimiterUnavailable, RateLimitTimeout, RequestTooLarge
 from .headers import RateLimitHeaders
@@ -54,6 +56,7 @@ from .limiter import (
     _KeyState,
     _server_full,
 )
+from .waiting import Step, Steps, Wait, Waiter, adrive, drive
 
 __all__ = ["RedisRateLimiter"]
 
@@ -349,6 +352,24 @@ class _RedisReservation(Reservation):
         self.booked_at = booked_at
 
 
+class _Script(Step):
+    """One script call: on a thread through the limiter's client, in a task through its loop's
+    ``redis.asyncio`` client. The same scripts, keys and arguments either way."""
+
+    __slots__ = ("args", "keys", "limiter", "name")
+
+    def __init__(self, limiter: RedisRateLimiter, name: str, keys: List[str], args: List[Any]) -> None:
+        self.limiter, self.name, self.keys, self.args = limiter, name, keys, args
+
+    def block(self) -> Any:
+        return self.limiter._scripts[self.name](keys=self.keys, args=self.args)
+
+    async def wait(self) -> Any:
+        # A cancelled call may still have run in Redis: an acquire then over-books (the safe side), a
+        # give-back is lost (the same), a waiter's place lapses with its lease.
+        return await self.limiter._scripts_of_loop()[self.name](keys=self.keys, args=self.args)
+
+
 class _Info:
     """What the ``info`` script says of one key."""
 
@@ -416,6 +437,12 @@ class RedisRateLimiter(RateLimiter):
         self._retry_interval = float(retry_interval)
         self._poll = float(poll)
         self._redis = _connect(redis, float(timeout))
+        self._url = redis if isinstance(redis, str) else None
+        self._timeout = float(timeout)
+        # Coroutines talk to Redis through a redis.asyncio client of their own event loop (one cannot
+        # serve two loops), made from the same URL or connection settings on the loop's first call.
+        self._loop_scripts: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Tuple[Any, Dict[str, Any]]]
+        self._loop_scripts = weakref.WeakKeyDictionary()
         self._errors = _error_types("RedisError", "ValkeyError", builtin=OSError)
         self._broken = _error_types("ConnectionError", builtin=ConnectionError)
         self._where = _describe(self._redis)
@@ -435,6 +462,26 @@ class RedisRateLimiter(RateLimiter):
         self._rates: Dict[LimitKey, float] = {}  # the requests per second Redis last reported
         self._down_until = -math.inf  # after a failure, Redis is not asked again before this
         self._outage = False  # Redis failed and has not answered since (to log its end once)
+
+    def _scripts_of_loop(self) -> Dict[str, Any]:
+        """The scripts registered on this event loop's own async client (made on first use)."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            entry = self._loop_scripts.get(loop)
+            if entry is None:
+                client = _async_twin(self._redis, self._url, self._timeout)
+                scripts = {name: client.register_script(_PRELUDE + body) for name, body in _SCRIPTS.items()}
+                entry = self._loop_scripts[loop] = (client, scripts)
+            return entry[1]
+
+    async def aclose(self) -> None:
+        """Close the async Redis client of the running event loop, if one was made (call it before the
+        loop ends, e.g. in a FastAPI lifespan's shutdown, to close its connections cleanly)."""
+        with self._lock:
+            entry = self._loop_scripts.pop(asyncio.get_running_loop(), None)
+        if entry is not None:
+            close = getattr(entry[0], "aclose", None) or entry[0].close  # redis-py < 5.0.1: close()
+            await close()
 
     @property
     def local_only(self) -> bool:
@@ -465,32 +512,33 @@ class RedisRateLimiter(RateLimiter):
         used = int(self._clock() - self._last_use.get(key, -math.inf) < _TTL_MS / 1000)
         return [rpm or 0, tpm or 0, self._headroom, self._initial_burst, _JITTER_SECONDS, _TTL_MS, used]
 
-    def _run(self, script: str, key: LimitKey, *args: Any) -> List[str]:
-        """Run one script on ``key``; raises one of ``self._errors`` when Redis fails.
+    def _run(self, script: str, key: LimitKey, *args: Any) -> Steps[List[str]]:
+        """Run one script on ``key`` (a step: see ``waiting.py``); raises one of ``self._errors`` when
+        Redis fails.
 
         A connection that broke (a pooled one, after Redis restarted) is tried once more on a new one,
         for the scripts that may run twice if the first reply was lost after they ran: twice only
         over-books (acquire) or changes nothing. A refund or a refusal's refund (observe) twice would give
         back twice: those are skipped instead, without counting as Redis failing.
         """
-        keys, argv = [self.redis_key(key)], [*self._config(key), *args]
+        call = _Script(self, script, [self.redis_key(key)], [*self._config(key), *args])
         try:
-            reply = self._scripts[script](keys=keys, args=argv)
+            reply = yield call
         except self._broken as error:
             if script in ("give_back", "observe"):
                 log.debug("throttled_openai: Redis connection broke (%s); %s skipped", type(error).__name__, script)
                 return []
             log.debug("throttled_openai: Redis connection broke (%s); trying a new one", type(error).__name__)
-            reply = self._scripts[script](keys=keys, args=argv)
+            reply = yield call
         self._answered()
         return [_text(part) for part in reply] if isinstance(reply, list) else [_text(reply)]
 
-    def _try(self, script: str, key: LimitKey, *args: Any) -> Optional[List[str]]:
+    def _try(self, script: str, key: LimitKey, *args: Any) -> Steps[Optional[List[str]]]:
         """:meth:`_run` for bookkeeping that must never fail a call: ``None`` when Redis failed."""
         if self._resting():
             return None
         try:
-            return self._run(script, key, *args)
+            return (yield from self._run(script, key, *args))
         except self._errors as error:
             self._failed(error)
             return None
@@ -521,18 +569,9 @@ class RedisRateLimiter(RateLimiter):
             self._down_until = -math.inf
             log.warning("throttled_openai: Redis at %s answers again; limits are shared again", self._where)
 
-    @contextmanager
-    def _unlocked(self) -> Iterator[None]:
-        """Let other threads settle and join the line while the head talks to Redis."""
-        self._lock.release()
-        try:
-            yield
-        finally:
-            self._lock.acquire()
-
     # -- taking capacity -------------------------------------------------------------------------
 
-    def _wait_and_take(
+    def _taking(
         self,
         key: LimitKey,
         state: _KeyState,
@@ -540,36 +579,40 @@ class RedisRateLimiter(RateLimiter):
         deadline: float,
         timeout: Optional[float],
         cancel: Optional[threading.Event],
-    ) -> Reservation:
+        waiter: Waiter,
+    ) -> Steps[Reservation]:
         caller = random.getrandbits(48)  # names this call's place in the line across processes
         in_line = False
         try:
             while True:
                 if self.local_only:
-                    return self._take_locally(key, state, tokens, deadline, timeout, cancel)
+                    return (yield from self._take_locally(key, state, tokens, deadline, timeout, cancel, waiter))
                 if self._resting():
                     raise self._unavailable()
-                if cancel is not None and cancel.is_set():
-                    raise Cancelled(f"wait for model {key[1]!r} cancelled")
-                too_large = state.too_large(key[1], tokens)  # a limit may have been learned meanwhile
-                if too_large is not None:
-                    raise too_large
-                now = self._clock()
-                # Long-window budgets (per day) are kept in this process, from the server's `remaining`.
-                budgets_at = self._budgets_ready(key, state, tokens, now, deadline, timeout)
-                if budgets_at > now:
-                    self._wait_locked(state, min(budgets_at - now, _CANCEL_CHECK_SECONDS if cancel else math.inf))
-                    continue
-                if not state.learned and state.probe is not None:  # no limit known yet: wait for the probe
-                    if now >= deadline:
+                nap = _CANCEL_CHECK_SECONDS if cancel else math.inf
+                with self._lock:
+                    self._watch(state, waiter)
+                    if cancel is not None and cancel.is_set():
+                        raise Cancelled(f"wait for model {key[1]!r} cancelled")
+                    too_large = state.too_large(key[1], tokens)  # a limit may have been learned meanwhile
+                    if too_large is not None:
+                        raise too_large
+                    now = self._clock()
+                    # Long-window budgets (per day) are kept in this process, from the server's `remaining`.
+                    budgets_at = self._budgets_ready(key, state, tokens, now, deadline, timeout)
+                    probing = not state.learned and state.probe is not None  # no limit known yet
+                    if probing and now >= deadline:
                         raise RateLimitTimeout(key[1], retry_after=1.0, max_wait=timeout or 0.0)
-                    self._wait_locked(state, min(deadline - now, _CANCEL_CHECK_SECONDS if cancel else math.inf))
+                    paused = max(0.0, state.paused_until - now)  # this process's pause, in case Redis missed it
+                if budgets_at > now:
+                    yield Wait(waiter, min(budgets_at - now, nap), self._sleep)
                     continue
-                paused = max(0.0, state.paused_until - now)  # this process's pause, in case Redis missed it
+                if probing:  # wait for the probe's answer
+                    yield Wait(waiter, min(deadline - now, nap), self._sleep)
+                    continue
                 try:
-                    with self._unlocked():
-                        patience = min(deadline - now, 1e12)
-                        reply = self._run("acquire", key, tokens, caller, patience, self._lease, paused)
+                    patience = min(deadline - now, 1e12)
+                    reply = yield from self._run("acquire", key, tokens, caller, patience, self._lease, paused)
                 except self._errors as error:
                     self._failed(error)
                     if self._on_error == "raise":
@@ -577,22 +620,12 @@ class RedisRateLimiter(RateLimiter):
                     continue
                 if reply[0] == "too_large":
                     raise RequestTooLarge(key[1], tokens, float(reply[1]))
-                if reply[-1] == "1":
-                    state.learned = True
                 now = self._clock()
-                if reply[0] == "ok":  # (taking also took it out of the line)
-                    marks = (float(reply[2]), float(reply[3]))
-                    self._ready[key] = now
-                    self._note_take(key, now, marks, tokens)
-                    reservation = _RedisReservation(key, tokens, now, marks, float(reply[1]))
-                    for kind, units in (("requests", 1), ("tokens", tokens)):
-                        budget = state.budgets.get(kind)
-                        if budget is not None:
-                            budget.take(units)
-                    if not state.learned:  # no limit known anywhere yet: this call is the probe
-                        state.probe = reservation
-                        reservation.probe = True
-                    return reservation
+                with self._lock:
+                    if reply[-1] == "1":
+                        state.learned = True
+                    if reply[0] == "ok":  # (taking also took it out of the line)
+                        return self._took(key, state, tokens, reply, now)
                 wait, rate, refunds, in_line = float(reply[1]), float(reply[2]), reply[3] == "1", reply[4] == "1"
                 self._ready[key] = now + wait
                 self._rates[key] = rate
@@ -601,12 +634,26 @@ class RedisRateLimiter(RateLimiter):
                 # Ask again soon when other processes' refunds may bring the turn forward (tokens bind);
                 # waiting for requests or a pause, only someone ahead giving up can, so ask less often.
                 again = self._poll if refunds else self._patrol
-                self._wait_locked(state, min(wait, again, _CANCEL_CHECK_SECONDS if cancel else math.inf))
+                yield Wait(waiter, min(wait, again, nap), self._sleep)
         except BaseException:
             if in_line:  # leave the line now: those behind would wait for this caller until its lease lapsed
-                with self._unlocked():
-                    self._try("leave", key, caller)
+                yield from self._try("leave", key, caller)
             raise
+
+    def _took(self, key: LimitKey, state: _KeyState, tokens: int, reply: List[str], now: float) -> Reservation:
+        """The reservation Redis granted with ``reply``. Called under the lock."""
+        marks = (float(reply[2]), float(reply[3]))
+        self._ready[key] = now
+        self._note_take(key, now, marks, tokens)
+        reservation = _RedisReservation(key, tokens, now, marks, float(reply[1]))
+        for kind, units in (("requests", 1), ("tokens", tokens)):
+            budget = state.budgets.get(kind)
+            if budget is not None:
+                budget.take(units)
+        if not state.learned:  # no limit known anywhere yet: this call is the probe
+            state.probe = reservation
+            reservation.probe = True
+        return reservation
 
     # -- while Redis is down ----------------------------------------------------------------------
 
@@ -618,7 +665,8 @@ class RedisRateLimiter(RateLimiter):
         deadline: float,
         timeout: Optional[float],
         cancel: Optional[threading.Event],
-    ) -> Reservation:
+        waiter: Waiter,
+    ) -> Steps[Reservation]:
         """Take from this process's own buckets, while Redis is down (``on_error="local"``).
 
         Every process does so at once, and each bucket refills at the whole rate. So that together they
@@ -629,20 +677,22 @@ class RedisRateLimiter(RateLimiter):
         what a call of this key uses once settled, as settling refunds the rest of its estimate only
         once). The server's ``remaining`` headers then show each process what the others take.
         """
-        if key in self._shared:  # the first local reservation after shared ones
-            self._shared.discard(key)
-            now = self._clock()
-            self._local_share[key] = self._share(key, now)
-            for bucket in (state.requests, state.tokens):
-                bucket.advance(now)
-                bucket.level = min(bucket.level, 0.0)
-        reservation = super()._wait_and_take(key, state, tokens, deadline, timeout, cancel)
-        shares = self._local_share.get(key, (1.0, 1.0))
-        used = tokens * self._usage.get(key, 1.0)  # what the call will likely use, once settled
-        for bucket, units, share in ((state.requests, 1.0, shares[0]), (state.tokens, used, shares[1])):
-            if bucket.active:  # the rest of the charge: debt that the next caller waits out
-                bucket.level -= units * (1 / share - 1)
-        self._last_use[key] = self._clock()
+        with self._lock:
+            if key in self._shared:  # the first local reservation after shared ones
+                self._shared.discard(key)
+                now = self._clock()
+                self._local_share[key] = self._share(key, now)
+                for bucket in (state.requests, state.tokens):
+                    bucket.advance(now)
+                    bucket.level = min(bucket.level, 0.0)
+        reservation = yield from super()._taking(key, state, tokens, deadline, timeout, cancel, waiter)
+        with self._lock:
+            shares = self._local_share.get(key, (1.0, 1.0))
+            used = tokens * self._usage.get(key, 1.0)  # what the call will likely use, once settled
+            for bucket, units, share in ((state.requests, 1.0, shares[0]), (state.tokens, used, shares[1])):
+                if bucket.active:  # the rest of the charge: debt that the next caller waits out
+                    bucket.level -= units * (1 / share - 1)
+            self._last_use[key] = self._clock()
         return reservation
 
     def _note_take(self, key: LimitKey, now: float, marks: Tuple[float, float], tokens: int) -> None:
@@ -716,20 +766,35 @@ class RedisRateLimiter(RateLimiter):
             self._end_probe(state, reservation, learned=False)
             return state, extra
 
-    def _give_back(self, state: _KeyState, key: LimitKey, requests: int, tokens: float) -> None:
-        if (requests or tokens) and self._try("give_back", key, requests, tokens) is not None and tokens >= 0:
+    def _give_back(self, state: _KeyState, key: LimitKey, requests: int, tokens: float) -> Steps[None]:
+        if not (requests or tokens):
+            return
+        answered = yield from self._try("give_back", key, requests, tokens)
+        if answered is not None and tokens >= 0:
             with self._lock:
-                state.wakeup.notify()  # our own head sees the refund at once; others at their next poll
+                self._wake(state)  # our own head sees the refund at once; others at their next poll
 
     def cancel(self, reservation: Reservation) -> None:
+        drive(self._cancelling(reservation))
+
+    async def acancel(self, reservation: Reservation) -> None:
+        await adrive(self._cancelling(reservation))
+
+    def _cancelling(self, reservation: Reservation) -> Steps[None]:
         if not isinstance(reservation, _RedisReservation):
             super().cancel(reservation)  # taken while Redis was down
             return
         state, _ = self._end(reservation, sent=False)
         if state is not None:
-            self._give_back(state, reservation.key, 1, reservation.tokens)
+            yield from self._give_back(state, reservation.key, 1, reservation.tokens)
 
     def settle(self, reservation: Reservation, used_tokens: Optional[int]) -> None:
+        drive(self._settling(reservation, used_tokens))
+
+    async def asettle(self, reservation: Reservation, used_tokens: Optional[int]) -> None:
+        await adrive(self._settling(reservation, used_tokens))
+
+    def _settling(self, reservation: Reservation, used_tokens: Optional[int]) -> Steps[None]:
         self._note_usage(reservation, used_tokens)
         if not isinstance(reservation, _RedisReservation):
             super().settle(reservation, used_tokens)
@@ -738,11 +803,17 @@ class RedisRateLimiter(RateLimiter):
             used_tokens = None
         state, extra = self._end(reservation, sent=True, used_tokens=used_tokens)
         if state is not None and extra:
-            self._give_back(state, reservation.key, 0, -extra)
+            yield from self._give_back(state, reservation.key, 0, -extra)
 
     # -- learning from the server ----------------------------------------------------------------
 
     def observe(self, reservation: Reservation, headers: RateLimitHeaders, status: int = 200) -> None:
+        drive(self._observing(reservation, headers, status))
+
+    async def aobserve(self, reservation: Reservation, headers: RateLimitHeaders, status: int = 200) -> None:
+        await adrive(self._observing(reservation, headers, status))
+
+    def _observing(self, reservation: Reservation, headers: RateLimitHeaders, status: int) -> Steps[None]:
         if not isinstance(reservation, _RedisReservation):
             super().observe(reservation, headers, status)
             return
@@ -775,7 +846,7 @@ class RedisRateLimiter(RateLimiter):
                 )
                 for kind in _KINDS
             ]
-        self._try(
+        yield from self._try(
             "observe",
             reservation.key,
             int(accepted),
@@ -790,42 +861,60 @@ class RedisRateLimiter(RateLimiter):
         with self._lock:
             self._end_probe(state, reservation, learned=learned)
             self._reject_too_large(reservation.key, state)
-            state.wakeup.notify()
+            self._wake(state)
 
     def pause(self, reservation: Reservation, seconds: float, kind: str = "") -> None:
+        drive(self._pausing(reservation, seconds, kind))
+
+    async def apause(self, reservation: Reservation, seconds: float, kind: str = "") -> None:
+        await adrive(self._pausing(reservation, seconds, kind))
+
+    def _pausing(self, reservation: Reservation, seconds: float, kind: str) -> Steps[None]:
         if not isinstance(reservation, _RedisReservation):
             super().pause(reservation, seconds, kind)
             return
         with self._lock:  # this process pauses even if Redis fails now
             state = self._keys[reservation.key]
             state.paused_until = max(state.paused_until, self._clock() + seconds)
-        self._try("pause", reservation.key, seconds, kind, reservation.booked_at, _MIN_BURST_SECONDS)
+        yield from self._try("pause", reservation.key, seconds, kind, reservation.booked_at, _MIN_BURST_SECONDS)
 
     # -- what the bulk helpers plan with ---------------------------------------------------------
 
-    def _info(self, key: LimitKey) -> Optional[_Info]:
+    def _info(self, key: LimitKey) -> Steps[Optional[_Info]]:
         with self._lock:
             self._state(key, self._clock())
-        reply = self._try("info", key)
+        reply = yield from self._try("info", key)
         return None if reply is None else _Info(reply)
 
-    def request_rate(self, key: LimitKey) -> Optional[float]:
-        info = self._info(key)
+    def _planning(self, key: LimitKey, what: str) -> Steps[Any]:
+        """What the bulk helpers plan with (``what``: that method of :class:`RateLimiter`), from Redis;
+        from this process while Redis is down."""
+        info = yield from self._info(key)
         if info is None:
-            return super().request_rate(key)
-        return info.requests[1] if info.requests else None
+            return getattr(RateLimiter, what)(self, key)
+        if what == "request_rate":
+            return info.requests[1] if info.requests else None
+        if what == "token_burst":
+            return info.tokens[2] if info.tokens else None
+        return self.limits_for(key[1]).tpm is not None or info.answered or RateLimiter.limits_known(self, key)
+
+    def request_rate(self, key: LimitKey) -> Optional[float]:
+        return drive(self._planning(key, "request_rate"))  # type: ignore[no-any-return]
 
     def limits_known(self, key: LimitKey) -> bool:
-        info = self._info(key)
-        if info is None:
-            return super().limits_known(key)
-        return self.limits_for(key[1]).tpm is not None or info.answered or super().limits_known(key)
+        return drive(self._planning(key, "limits_known"))  # type: ignore[no-any-return]
 
     def token_burst(self, key: LimitKey) -> Optional[float]:
-        info = self._info(key)
-        if info is None:
-            return super().token_burst(key)
-        return info.tokens[2] if info.tokens else None
+        return drive(self._planning(key, "token_burst"))  # type: ignore[no-any-return]
+
+    async def arequest_rate(self, key: LimitKey) -> Optional[float]:
+        return await adrive(self._planning(key, "request_rate"))  # type: ignore[no-any-return]
+
+    async def alimits_known(self, key: LimitKey) -> bool:
+        return await adrive(self._planning(key, "limits_known"))  # type: ignore[no-any-return]
+
+    async def atoken_burst(self, key: LimitKey) -> Optional[float]:
+        return await adrive(self._planning(key, "token_burst"))  # type: ignore[no-any-return]
 
     # -- looking at it ---------------------------------------------------------------------------
 
@@ -835,7 +924,7 @@ class RedisRateLimiter(RateLimiter):
         with self._lock:
             keys = list(self._keys)
         for key in keys:
-            info = self._info(key)
+            info = drive(self._info(key))
             if info is None:
                 continue
             entry = out[key[1]]
@@ -894,7 +983,10 @@ def _connect(redis: Union[str, Any], timeout: float) -> Any:
     if not callable(getattr(redis, "register_script", None)):
         raise TypeError(f"redis must be a URL or a redis.Redis client, got {type(redis).__name__}")
     if inspect.iscoroutinefunction(getattr(redis, "execute_command", None)):
-        raise TypeError("redis must be a synchronous client (redis.Redis), not redis.asyncio.Redis")
+        raise TypeError(
+            "redis must be a URL or a synchronous client (redis.Redis), not redis.asyncio.Redis: one async "
+            "client cannot serve two event loops, so async callers get one per loop, made from its settings"
+        )
     kwargs = getattr(getattr(redis, "connection_pool", None), "connection_kwargs", None) or {}
     if kwargs and kwargs.get("socket_timeout") is None:
         log.warning(
@@ -902,6 +994,20 @@ def _connect(redis: Union[str, Any], timeout: float) -> Any:
             "stops answering would hold calls until the OS gives up; give it one (and few retries)"
         )
     return redis
+
+
+def _async_twin(client: Any, url: Optional[str], timeout: float) -> Any:
+    """A ``redis.asyncio`` (or ``valkey.asyncio``) client that connects where ``client`` does, for the
+    running event loop: from the URL, or from the connection settings of ``client``'s pool."""
+    library = type(client).__module__.split(".")[0]  # redis or valkey
+    aio = importlib.import_module(f"{library}.asyncio")
+    if url is not None:
+        return aio.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+    pool = client.connection_pool
+    connection_class = getattr(importlib.import_module(f"{library}.asyncio.connection"), pool.connection_class.__name__)
+    # Settings that are objects of the sync library (its retry policy, its connect hook) stay behind.
+    settings = {k: v for k, v in pool.connection_kwargs.items() if k not in ("retry", "redis_connect_func")}
+    return aio.Redis(connection_pool=aio.ConnectionPool(connection_class=connection_class, **settings))
 
 
 def _error_types(*names: str, builtin: Type[BaseException]) -> Tuple[Type[BaseException], ...]:
