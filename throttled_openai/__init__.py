@@ -2,12 +2,12 @@
 
 ``ThrottledClient`` is an ``openai.OpenAI`` whose every request passes a shared requests- and
 tokens-per-minute limiter, is retried by one :class:`Retry` policy, and is settled against the real
-token usage. See README.md for the tour.
+token usage; ``AsyncThrottledClient`` is the same for ``openai.AsyncOpenAI``. See README.md for the tour.
 """
 
 from .batch_api import BatchJob, BatchRequestError
 from .batching import IncompleteResponse
-from .client import ThrottledAzureClient, ThrottledClient
+from .client import AsyncThrottledAzureClient, AsyncThrottledClient, ThrottledAzureClient, ThrottledClient
 from .errors import (
     BudgetExhausted,
     Cancelled,
@@ -29,6 +29,8 @@ from .tokens import TokenCounter, estimate_cost
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncThrottledAzureClient",
+    "AsyncThrottledClient",
     "BatchJob",
     "BatchRequestError",
     "BulkError",

@@ -1,4 +1,5 @@
-"""ThrottledClient: an openai.OpenAI whose every request waits its turn under RPM and TPM limits.
+"""ThrottledClient (an openai.OpenAI) and AsyncThrottledClient (an openai.AsyncOpenAI): every request
+waits its turn under RPM and TPM limits.
 
 How it hooks into the SDK, and why:
 
@@ -6,8 +7,13 @@ How it hooks into the SDK, and why:
   responses, pagination, ...) goes through, with the request body still a dict. Overriding it lets
   one straight function estimate the cost, wait for capacity, call the SDK, settle the usage and
   retry, with the SDK's own retries turned off so the two never multiply.
+- That function (_ThrottledCore._steps) is written once, for both kinds of client: a generator that
+  yields each step that waits (acquire, send, settle, learn, pause, sleep) and is sent its outcome.
+  ThrottledClient.request carries the steps out by blocking its thread, AsyncThrottledClient.request
+  by awaiting; nothing else differs.
 - The response headers (x-ratelimit-*) are read by an httpx response *event hook*, a public
-  extension point of httpx and httpx2 that also works on an http_client the user brings.
+  extension point of httpx and httpx2 that also works on an http_client the user brings (an
+  AsyncClient awaits its hooks: the async client installs coroutine hooks).
 - copy()/with_options() hand the limiter, counters and policy to the new client through the
   SDK's _extra_kwargs, so copies share one budget.
 tests/test_sdk_contract.py fails loudly if a release of the SDK changes any of these.
@@ -15,6 +21,7 @@ tests/test_sdk_contract.py fails loudly if a release of the SDK changes any of t
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import hashlib
@@ -24,7 +31,22 @@ import math
 import re
 import sys
 import time
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, TypeVar, Union
+from typing import (
+    Any,
+    AsyncIterator,
+    Callable,
+    Dict,
+    Generator,
+    Iterable,
+    Iterator,
+    List,
+    Mapping,
+    NamedTuple,
+    Optional,
+    Tuple,
+    TypeVar,
+    Union,
+)
 
 import openai
 
@@ -41,19 +63,19 @@ from .tokens import TokenCounter, assumed_output_cap, endpoint_of, estimate_cost
 
 NOT_GIVEN: Any = openai.NOT_GIVEN  # "left out", as in the SDK's own copy(): None means "no limit" here
 
-__all__ = ["ThrottledAzureClient", "ThrottledClient"]
+__all__ = ["AsyncThrottledAzureClient", "AsyncThrottledClient", "ThrottledAzureClient", "ThrottledClient"]
 
 log = logging.getLogger("throttled_openai")
 
-_T = TypeVar("_T", bound="_ThrottledMixin")
+_T = TypeVar("_T", bound="_ThrottledCore")
 _UNSET: Any = object()
 
 
 class _Attempt:
-    """The attempt in flight on this thread: what the response hook reports headers and the end of a
-    stream to, and where it leaves the response for the checks that follow."""
+    """The attempt in flight in this thread or task: what the HTTP hooks report the request's departure,
+    its headers and the end of a stream to, and where they leave the response for the checks that follow."""
 
-    __slots__ = ("endpoint", "limiter", "reservation", "response", "stats", "stream")
+    __slots__ = ("endpoint", "limiter", "reservation", "response", "sent", "stats", "stream")
 
     def __init__(
         self, limiter: RateLimiter, reservation: Reservation, stream: bool, stats: Stats, endpoint: Optional[str]
@@ -64,11 +86,7 @@ class _Attempt:
         self.stats = stats
         self.endpoint = endpoint
         self.response: Any = None  # the HTTP response, once its headers are in
-
-    def settle(self, used: Optional[int]) -> None:
-        self.limiter.settle(self.reservation, used)
-        if used is not None:
-            self.stats.used(used)
+        self.sent = False  # the request left for the server: a failure from then on may have cost it
 
     def failed_late(self, kind: str) -> None:
         """The call failed after it returned, while its stream was read: ``incomplete_stream`` (it
@@ -77,33 +95,72 @@ class _Attempt:
         self.stats.failed_call()
 
 
+# -- the HTTP hooks: one shared part, a sync and an async face -----------------------------------------
+
+
+def _on_request(request: Any) -> None:
+    """httpx request hook: this thread's (or task's) attempt is leaving. Until it does, a call stopped
+    on its way (Ctrl-C, a cancelled task) gives its reservation back instead of keeping it charged."""
+    attempt: Optional[_Attempt] = current.attempt
+    if attempt is not None:
+        attempt.sent = True
+
+
+async def _on_request_async(request: Any) -> None:
+    """_on_request for an httpx/httpx2 AsyncClient, which awaits its hooks."""
+    _on_request(request)
+
+
+def _answered(response: Any) -> Optional[_Attempt]:
+    """The attempt a response answers (None: not a call of a throttled client), the response left on it."""
+    attempt: Optional[_Attempt] = current.attempt
+    if attempt is not None:
+        attempt.response = response
+    return attempt
+
+
 def _on_response(response: Any) -> None:
     """httpx response hook: feed this thread's attempt the rate-limit headers, before the body is read.
     A successful stream (stream=True or with_streaming_response) is settled when it ends,
     against the usage its body carries."""
-    attempt: Optional[_Attempt] = current.attempt
-    if attempt is None:
-        return
-    attempt.response = response
-    attempt.limiter.observe(attempt.reservation, parse_rate_limit_headers(response.headers), response.status_code)
+    attempt = _answered(response)
+    if attempt is not None:
+        attempt.limiter.observe(attempt.reservation, parse_rate_limit_headers(response.headers), response.status_code)
+        _scan_body(response, attempt, _SyncUsageScanner)
+
+
+async def _on_response_async(response: Any) -> None:
+    """_on_response for an AsyncClient: the same, through the limiter's asyncio face. The task's own
+    attempt is found among many on one thread because the call context is a ContextVar."""
+    attempt = _answered(response)
+    if attempt is not None:
+        await attempt.limiter.aobserve(
+            attempt.reservation, parse_rate_limit_headers(response.headers), response.status_code
+        )
+        _scan_body(response, attempt, _AsyncUsageScanner)
+
+
+def _scan_body(response: Any, attempt: _Attempt, face: type) -> None:
+    """Wrap a successful streamed body in the usage scanner of the hook's face (sync or async)."""
     if attempt.stream and 200 <= response.status_code < 300:
         sse = response.headers.get("content-type", "").startswith("text/event-stream")
         # Streams of these endpoints end with a final event; one that ends without it was cut short.
         checked = sse and attempt.endpoint in ("chat", "completions", "responses")
-        response.stream = _scanner_for(response)(response.stream, attempt, sse, checked)
+        response.stream = _scanner_for(response, face)(response.stream, attempt, sse, checked)
 
 
-_SCANNERS: Dict[type, type] = {}
+_SCANNERS: Dict[Tuple[type, type], type] = {}
 
 
-def _scanner_for(response: Any) -> Any:
-    """_UsageScanner as a subclass of the SyncByteStream of the response's HTTP library
-    (httpx or httpx2): httpx refuses to iterate a stream that is not one."""
+def _scanner_for(response: Any, face: type) -> Any:
+    """A scanner face as a subclass of the byte stream class it stands for in the response's HTTP
+    library (httpx or httpx2's SyncByteStream or AsyncByteStream): httpx refuses to iterate a stream
+    that is not one."""
     library = sys.modules[type(response).__module__.split(".")[0]]
-    base: type = library.SyncByteStream
-    scanner = _SCANNERS.get(base)
+    base: type = getattr(library, face._BASE)  # type: ignore[attr-defined]
+    scanner = _SCANNERS.get((face, base))
     if scanner is None:
-        scanner = _SCANNERS[base] = type("_UsageScanner", (_UsageScanner, base), {})
+        scanner = _SCANNERS[face, base] = type("_UsageScanner", (face, base), {})
     return scanner
 
 
@@ -122,6 +179,10 @@ class _UsageScanner:
     response of the Responses API's response.completed. Another body (with_streaming_response
     of a JSON answer) has its usage object near the end. A checked stream that ends without its
     final event raises IncompleteStream where the caller reads it, instead of passing for whole.
+
+    The scanning is here; _SyncUsageScanner and _AsyncUsageScanner are the two faces a body has,
+    and settle through the limiter's sync or async face. Whichever way a body ends (read to its end,
+    closed, both, read twice), it is settled once.
     """
 
     _TAIL = 65_536  # bytes of a JSON body kept from its end, where usage is
@@ -137,27 +198,21 @@ class _UsageScanner:
         self._errored = False  # an error event: the SDK raises it to the reader
         self._reported = False
 
-    def __iter__(self) -> Iterator[bytes]:
-        try:
-            for chunk in self._inner:
-                if self._sse:
-                    self._scan(chunk)
-                else:
-                    self._line = (self._line + chunk)[-self._TAIL :]
-                yield chunk
-            if self._sse:
-                self._scan(b"\n")
-            if self._checked and not self._final:
-                self._finish(cut=True)
-                raise IncompleteStream(self._attempt.response, "ended without its final event")
-        finally:
-            self._finish()
+    def _take(self, chunk: bytes) -> None:
+        """Look at one chunk of the body on its way to the reader."""
+        if self._sse:
+            self._scan(chunk)
+        else:
+            self._line = (self._line + chunk)[-self._TAIL :]
 
-    def close(self) -> None:
-        try:
-            self._inner.close()
-        finally:
-            self._finish()
+    def _cut(self) -> bool:
+        """At the end of the body: whether it is a checked stream that ended without its final event."""
+        if self._sse:
+            self._scan(b"\n")
+        return self._checked and not self._final
+
+    def _incomplete(self) -> IncompleteStream:
+        return IncompleteStream(self._attempt.response, "ended without its final event")
 
     def _scan(self, chunk: bytes) -> None:
         lines = (self._line + chunk).split(b"\n")
@@ -195,15 +250,87 @@ class _UsageScanner:
         if used is not None:
             self._used = used
 
-    def _finish(self, cut: bool = False) -> None:
+    def _report(self, cut: bool) -> bool:
+        """Count how the body ended, the first time it does: then True, and _used holds the tokens to
+        settle the reservation with (None keeps the estimate charged). Later: False."""
         if self._reported:
-            return
+            return False
         self._reported = True
         if not self._sse:
             self._used = _usage_in_tail(self._line)
         if cut or self._errored:
             self._attempt.failed_late("incomplete_stream" if cut else "stream_error")
-        self._attempt.settle(None if cut else self._used)
+        if cut:
+            self._used = None
+        if self._used is not None:
+            self._attempt.stats.used(self._used)
+        return True
+
+
+class _SyncUsageScanner(_UsageScanner):
+    """The scanner as a SyncByteStream: iterated by httpx's iter_raw, closed by Response.close."""
+
+    _BASE = "SyncByteStream"
+
+    def __iter__(self) -> Iterator[bytes]:
+        cut = False
+        try:
+            for chunk in self._inner:
+                self._take(chunk)
+                yield chunk
+            cut = self._cut()
+            if cut:
+                raise self._incomplete()
+        finally:
+            self._settle(cut)
+
+    def close(self) -> None:
+        try:
+            self._inner.close()
+        finally:
+            self._settle(False)
+
+    def _settle(self, cut: bool) -> None:
+        if self._report(cut):
+            self._attempt.limiter.settle(self._attempt.reservation, self._used)
+
+
+class _AsyncUsageScanner(_UsageScanner):
+    """The scanner as an AsyncByteStream. Its own iterator, not an async generator, so that nothing is
+    left for the garbage collector to finish. How the SDK ends a body differs by version: 1.x reads it
+    to its end, 2.x and 3.0 call aclose() after the final event, 3.57 iterates the body a second time
+    (to drain it) before aclose(). Each new iteration reads on from where the body is."""
+
+    _BASE = "AsyncByteStream"
+
+    def __aiter__(self) -> _AsyncUsageScanner:
+        self._chunks: AsyncIterator[bytes] = self._inner.__aiter__()
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            chunk = await self._chunks.__anext__()
+        except StopAsyncIteration:
+            cut = self._cut()
+            await self._settle(cut)
+            if cut:
+                raise self._incomplete() from None
+            raise
+        except BaseException:  # the connection broke, the task was cancelled: what was seen is all
+            await self._settle(False)
+            raise
+        self._take(chunk)
+        return chunk
+
+    async def aclose(self) -> None:
+        try:
+            await self._inner.aclose()
+        finally:
+            await self._settle(False)
+
+    async def _settle(self, cut: bool) -> None:
+        if self._report(cut):
+            await self._attempt.limiter.asettle(self._attempt.reservation, self._used)
 
 
 def _usage_in_tail(tail: bytes) -> Optional[int]:
@@ -228,6 +355,18 @@ class _OwnedHttpClient(openai.DefaultHttpxClient):  # type: ignore[misc, valid-t
         if not self.is_closed:
             with contextlib.suppress(Exception):  # at interpreter exit: nothing left to tell
                 self.close()
+
+
+class _OwnedAsyncHttpClient(openai.DefaultAsyncHttpxClient):  # type: ignore[misc, valid-type]
+    """The async HTTP client an async throttled client makes for itself: closed by ``await
+    client.close()`` or at the end of ``async with``, as the SDK's own is. Closing needs the event loop
+    its connections belong to, so when dropped unclosed it closes itself only while a loop runs (as
+    the SDK's own does); otherwise it stays silent."""
+
+    def __del__(self) -> None:
+        if not self.is_closed:
+            with contextlib.suppress(Exception):  # no running loop: nothing can close it from here
+                asyncio.get_running_loop().create_task(self.aclose())
 
 
 def _account_hash(api_key: object, base_url: object) -> str:
@@ -257,8 +396,59 @@ def _make_retry(retry: Union[Retry, int, None], max_retries: Any) -> Retry:
     raise TypeError(f"retry must be a throttled_openai.Retry, an int or None, got {type(retry).__name__}")
 
 
-class _ThrottledMixin:
-    """The throttling shared by ThrottledClient and ThrottledAzureClient."""
+class _Step(NamedTuple):
+    """One step of a call that may wait, for the sync or the async client to carry out its own way.
+
+    ``name`` is "send" (the SDK's request), "sleep" (``args``: seconds, and a bulk run's cancel event or
+    None; the outcome is True when the event ended the sleep early) or the RateLimiter method to call
+    with ``args``: "acquire" (key, tokens, timeout, cancel event or None), "settle", "cancel",
+    "learn_from_message" or "pause". The async client awaits that method's asyncio face, "a" + name.
+    """
+
+    name: str
+    args: Tuple[Any, ...] = ()
+
+
+_SEND = _Step("send")
+
+
+class _Call:
+    """Runs the steps of one call (_ThrottledCore._steps) for a request() method. Iterating it hands
+    out each step; ``with call:`` around carrying one out hands back its outcome (``call.result``), or
+    the exception it raised, thrown into the steps, which settle, count and raise it again (never
+    swallowed). ``call.value`` is what the call returns."""
+
+    __slots__ = ("_error", "_steps", "result", "value")
+
+    def __init__(self, steps: Generator[_Step, Any, Any]) -> None:
+        self._steps = steps
+        self._error: Optional[BaseException] = None
+        self.result: Any = None
+        self.value: Any = None
+
+    def __iter__(self) -> _Call:
+        return self
+
+    def __next__(self) -> _Step:
+        error, self._error = self._error, None
+        outcome, self.result = self.result, None
+        try:
+            return self._steps.throw(error) if error is not None else self._steps.send(outcome)
+        except StopIteration as done:
+            self.value = done.value
+            raise StopIteration from None
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, error: Optional[BaseException], traceback: Any) -> bool:
+        self._error = error
+        return True  # the steps get it and raise it again
+
+
+class _ThrottledCore:
+    """What the sync and async throttled clients share: arguments, the public surface, and one call's
+    logic (_steps). Each face adds request(), which carries the steps out its own way."""
 
     # No class-level annotations: pydoc on Python 3.9 would show them in help() as __annotations__.
 
@@ -288,21 +478,19 @@ class _ThrottledMixin:
         self._max_wait: Optional[float] = _check_max_wait(max_wait)
         self._stats: Stats = shared_stats or Stats()
         self._counter: TokenCounter = shared_counter or TokenCounter()
-        http_client = kwargs.get("http_client")
-        if http_client is None:
-            # Ours, so closed when this client (and every copy sharing it) is garbage collected, as the
-            # SDK does with the one it makes; a client the user passes is the user's to close.
-            http_client = kwargs["http_client"] = _OwnedHttpClient()
-        hooks = http_client.event_hooks
-        if _on_response not in hooks["response"]:
-            hooks["response"] = [*hooks["response"], _on_response]
-            http_client.event_hooks = hooks
+        # With no client given, one of ours, closed with this client (and every copy sharing it), as the
+        # SDK does with the one it makes; a client the user passes is the user's to close.
+        kwargs["http_client"] = self._hooked_http_client(kwargs.get("http_client"))
         key_provider = kwargs.get("api_key") if callable(kwargs.get("api_key")) else None
         # Our retry loop replaces the SDK's (each request is sent with the SDK's retries at 0, see
-        # request()); the SDK's max_retries attribute reports the policy's.
+        # _steps()); the SDK's max_retries attribute reports the policy's.
         super().__init__(max_retries=self._retry.max_retries, **kwargs)  # type: ignore[call-arg]
         secret = key_provider or getattr(self, "api_key", None)
         self._account: str = _account_hash(secret, getattr(self, "base_url", ""))
+
+    def _hooked_http_client(self, given: Any) -> Any:
+        """The HTTP client to send with, its event hooks reporting to this client's calls."""
+        raise NotImplementedError
 
     # -- public surface --------------------------------------------------------------------------
 
@@ -364,6 +552,163 @@ class _ThrottledMixin:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} base_url={str(getattr(self, 'base_url', ''))!r} limiter={self._limiter!r}>"
+
+    # -- one call --------------------------------------------------------------------------------
+
+    def _limit_model(self, body: Mapping[str, Any]) -> str:
+        """The model whose limit a request counts against (* if none); for Azure, the deployment."""
+        if isinstance(self, (openai.AzureOpenAI, openai.AsyncAzureOpenAI)):
+            path = str(getattr(self, "base_url", ""))
+            if "/deployments/" in path:
+                return path.split("/deployments/", 1)[1].split("/", 1)[0]
+        model = body.get("model")
+        return model if isinstance(model, str) and model else "*"
+
+    def _steps(self, cast_to: Any, options: Any, kwargs: Mapping[str, Any]) -> Generator[_Step, Any, Any]:
+        """One API request under the limiter: estimate, wait, send, settle; retry by policy.
+
+        Written once for both clients, without I/O: each step that may wait is yielded as a _Step, and
+        the client's request() carries it out (blocking, or awaiting), then sends its outcome back or
+        throws in its exception. Returns what the SDK returned.
+        """
+        body = options.json_data if isinstance(options.json_data, Mapping) else {}
+        endpoint = endpoint_of(str(options.url))
+        key: LimitKey = (self._account, self._limit_model(body))
+        cost = current.cost  # a bulk helper's count, made while packing the batch
+        if cost is None:
+            cost = estimate_cost(endpoint, body, self._counter) if endpoint else 0
+        current.cost = None
+        cancel = current.cancel  # set while a bulk worker runs this call
+        # A bulk call waits its turn: the run has its own deadline (run_timeout), max_wait is for
+        # callers that would rather fail fast (a web view).
+        max_wait = None if cancel is not None else self._max_wait
+        policy, stats = self._retry, self._stats
+        # Settled when the body has been read, by the response hook, for streams and streamed raw bodies.
+        streaming = bool(kwargs.get("stream")) or _streams_raw(options)
+        options.max_retries = 0  # our loop retries; the SDK's would multiply every attempt of ours
+        stats.call()
+        waited_total, retries = 0.0, 0
+        started = time.monotonic()
+        try:
+            while True:
+                # 1. Wait for capacity, within what is left of max_wait and the policy's deadline.
+                allowed = _remaining(max_wait, waited_total, policy.deadline, started)
+                before = time.monotonic()
+                try:
+                    reservation: Reservation = yield _Step("acquire", (key, cost, allowed, cancel))
+                except RequestTooLarge as error:
+                    assumed = assumed_output_cap(endpoint, body) if endpoint else None
+                    if assumed is None:
+                        raise
+                    raise error.with_detail(f"{assumed:,} output tokens assumed: pass max_tokens") from None
+                waited = time.monotonic() - before
+                waited_total += waited
+                stats.attempt(cost, waited)
+                current.waited += waited
+                attempt = _Attempt(self._limiter, reservation, streaming, stats, endpoint)
+                try:
+                    # 2. Send through the SDK; the response hook reports the headers to the limiter.
+                    current.attempt = attempt
+                    try:
+                        result = yield _SEND
+                    except _PARSE_ERRORS as error:  # a 2xx whose body the SDK could not parse, or a parse of ours
+                        problem = _bad_body(attempt.response)
+                        if problem is None:  # a whole JSON answer: the error is the caller's (a parse() schema)
+                            raise
+                        raise MalformedResponse(attempt.response, problem) from error
+                    finally:
+                        current.attempt = None
+                    used = None if streaming else _examine(result, cast_to, attempt.response, endpoint)
+                except (openai.APIStatusError, openai.APIConnectionError, MalformedResponse) as error:
+                    # 3a. Failed: charge what the server likely counted, then ask the policy.
+                    status = getattr(error, "status_code", None)
+                    refused = status is not None and status < 500 and not isinstance(error, MalformedResponse)
+                    yield _Step("settle", (reservation, 0 if refused else None))
+                    if status == 429:  # "... per min (RPM): Limit 3, Used 3, Requested 1": learn that limit
+                        message = parse_limit_message(getattr(error, "message", None) or str(error))
+                        if message is not None:
+                            yield _Step("learn_from_message", (reservation, message))
+                    retries += 1
+                    decision = policy.decide(error, retries)
+                    if decision.pause_all:
+                        yield _Step("pause", (reservation, decision.delay, decision.kind.rpartition("_")[2]))
+                    left = _remaining(max_wait, waited_total, policy.deadline, started)
+                    retry = decision.retry and (left is None or decision.delay <= left)
+                    stats.failed_attempt(decision.kind, status == 429, retry)
+                    if not retry:
+                        if decision.retry and decision.pause_all:
+                            # The server's limit has room again later than max_wait allows: the same
+                            # answer as when the limiter sees that far ahead, with the 429 as its cause.
+                            raise RateLimitTimeout(key[1], decision.delay, left or 0.0) from error
+                        raise
+                    log.info(
+                        "throttled_openai: %s on model %r, retry %d of %d in %.2fs",
+                        decision.kind,
+                        key[1],
+                        retries,
+                        policy.max_retries,
+                        decision.delay,
+                    )
+                    if not decision.pause_all:  # a pause is waited out in the limiter, by everyone
+                        if (yield _Step("sleep", (decision.delay, cancel))):
+                            raise Cancelled("the bulk call stopped while this request waited to retry") from error
+                        waited_total += decision.delay
+                        stats.waited(decision.delay)
+                        current.waited += decision.delay
+                    continue
+                except BaseException as error:
+                    # Stopped on its way (Ctrl-C, a cancelled task) or an error the policy does not judge:
+                    # what never left is given back, what may have reached the server stays charged.
+                    if not isinstance(error, GeneratorExit):
+                        yield _Step("settle", (reservation, None)) if attempt.sent else _Step("cancel", (reservation,))
+                    raise
+                # 3b. Done: charge the real usage instead of the estimate (a stream, when it ends).
+                if not streaming:
+                    yield _Step("settle", (reservation, used))
+                    if used is not None:
+                        stats.used(used)
+                return result
+        except BaseException:
+            stats.failed_call()
+            raise
+
+
+def _with_hooks(http_client: Any, on_request: Callable[[Any], Any], on_response: Callable[[Any], Any]) -> Any:
+    """``http_client`` with our request and response hooks added to its own (once)."""
+    hooks = http_client.event_hooks
+    for event, hook in (("request", on_request), ("response", on_response)):
+        if hook not in hooks[event]:
+            hooks[event] = [*hooks[event], hook]
+    http_client.event_hooks = hooks
+    return http_client
+
+
+class _ThrottledMixin(_ThrottledCore):
+    """The throttling of ThrottledClient and ThrottledAzureClient: the steps carried out by blocking
+    this thread, and the bulk helpers, which run calls on a pool of threads."""
+
+    def _hooked_http_client(self, given: Any) -> Any:
+        return _with_hooks(_OwnedHttpClient() if given is None else given, _on_request, _on_response)
+
+    def request(self, cast_to: Any, options: Any, *args: Any, **kwargs: Any) -> Any:
+        """Send one API request under the limiter (see _steps), waiting by blocking this thread."""
+        call = _Call(self._steps(cast_to, options, kwargs))
+        for step in call:
+            with call:
+                call.result = self._perform(step, cast_to, options, args, kwargs)
+        return call.value
+
+    def _perform(self, step: _Step, cast_to: Any, options: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+        """Carry out one step of a call; its waits block this thread."""
+        if step.name == "send":
+            return super().request(cast_to, options, *args, **kwargs)  # type: ignore[misc]
+        if step.name == "sleep":  # a bulk run's cancel event cuts it short
+            seconds, cancel = step.args
+            return cancel.wait(seconds) if cancel is not None else time.sleep(seconds)
+        if step.name == "acquire":
+            key, tokens, timeout, cancel = step.args
+            return self._limiter.acquire(key, tokens, timeout=timeout, cancel=cancel)
+        return getattr(self._limiter, step.name)(*step.args)  # settle, cancel, learn_from_message, pause
 
     # -- bulk ------------------------------------------------------------------------------------
 
@@ -580,118 +925,6 @@ class _ThrottledMixin:
             method=method,
         )
 
-    # -- one call --------------------------------------------------------------------------------
-
-    def _limit_model(self, body: Mapping[str, Any]) -> str:
-        """The model (or Azure deployment) whose limit a request counts against; * if none."""
-        model = body.get("model")
-        return model if isinstance(model, str) and model else "*"
-
-    def request(self, cast_to: Any, options: Any, *args: Any, **kwargs: Any) -> Any:
-        """Send one API request under the limiter: estimate, wait, send, settle; retry by policy."""
-        body = options.json_data if isinstance(options.json_data, Mapping) else {}
-        endpoint = endpoint_of(str(options.url))
-        key: LimitKey = (self._account, self._limit_model(body))
-        cost = current.cost  # a bulk helper's count, made while packing the batch
-        if cost is None:
-            cost = estimate_cost(endpoint, body, self._counter) if endpoint else 0
-        current.cost = None
-        cancel = current.cancel  # set while a bulk worker runs this call
-        # A bulk call waits its turn: the run has its own deadline (run_timeout), max_wait is for
-        # callers that would rather fail fast (a web view).
-        max_wait = None if cancel is not None else self._max_wait
-        policy, limiter, stats = self._retry, self._limiter, self._stats
-        # Settled when the body has been read, by the response hook, for streams and streamed raw bodies.
-        streaming = bool(kwargs.get("stream")) or _streams_raw(options)
-        options.max_retries = 0  # our loop retries; the SDK's would multiply every attempt of ours
-        stats.call()
-        waited_total, retries = 0.0, 0
-        started = time.monotonic()
-        while True:
-            # 1. Wait for capacity, within what is left of max_wait and the policy's deadline.
-            allowed = _remaining(max_wait, waited_total, policy.deadline, started)
-            before = time.monotonic()
-            try:
-                reservation = limiter.acquire(key, cost, timeout=allowed, cancel=cancel)
-            except RequestTooLarge as error:
-                stats.failed_call()
-                assumed = assumed_output_cap(endpoint, body) if endpoint else None
-                if assumed is None:
-                    raise
-                raise error.with_detail(f"{assumed:,} output tokens assumed: pass max_tokens") from None
-            except BaseException:
-                stats.failed_call()
-                raise
-            attempt = _Attempt(limiter, reservation, streaming, stats, endpoint)
-            try:
-                waited = time.monotonic() - before
-                waited_total += waited
-                stats.attempt(cost, waited)
-                current.waited += waited
-                # 2. Send through the SDK; the response hook reports the headers to the limiter.
-                current.attempt = attempt
-                try:
-                    result = super().request(cast_to, options, *args, **kwargs)  # type: ignore[misc]
-                except _PARSE_ERRORS as error:  # a 2xx whose body the SDK could not parse, or a parse of ours
-                    problem = _bad_body(attempt.response)
-                    if problem is None:  # a whole JSON answer: the error is the caller's (a parse() schema)
-                        raise
-                    raise MalformedResponse(attempt.response, problem) from error
-                used = None
-                if not streaming:
-                    used = _examine(result, cast_to, attempt.response, endpoint)  # raises MalformedResponse
-            except (openai.APIStatusError, openai.APIConnectionError, MalformedResponse) as error:
-                # 3a. Failed: charge what the server likely counted, then ask the policy.
-                status = getattr(error, "status_code", None)
-                refused = status is not None and status < 500 and not isinstance(error, MalformedResponse)
-                limiter.settle(reservation, 0 if refused else None)
-                if status == 429:  # "... per min (RPM): Limit 3, Used 3, Requested 1": learn that limit
-                    message = parse_limit_message(getattr(error, "message", None) or str(error))
-                    if message is not None:
-                        limiter.learn_from_message(reservation, message)
-                retries += 1
-                decision = policy.decide(error, retries)
-                if decision.pause_all:
-                    limiter.pause(reservation, decision.delay, decision.kind.rpartition("_")[2])
-                left = _remaining(max_wait, waited_total, policy.deadline, started)
-                retry = decision.retry and (left is None or decision.delay <= left)
-                stats.failed_attempt(decision.kind, status == 429, retry)
-                if not retry:
-                    stats.failed_call()
-                    if decision.retry and decision.pause_all:
-                        # The server's limit has room again later than max_wait allows: the same
-                        # answer as when the limiter sees that far ahead, with the 429 as its cause.
-                        raise RateLimitTimeout(key[1], decision.delay, left or 0.0) from error
-                    raise
-                log.info(
-                    "throttled_openai: %s on model %r, retry %d of %d in %.2fs",
-                    decision.kind,
-                    key[1],
-                    retries,
-                    policy.max_retries,
-                    decision.delay,
-                )
-                if not decision.pause_all:  # a pause is waited out in the limiter, by everyone
-                    if cancel is None:
-                        time.sleep(decision.delay)
-                    elif cancel.wait(decision.delay):
-                        stats.failed_call()
-                        raise Cancelled("the bulk call stopped while this request waited to retry") from error
-                    waited_total += decision.delay
-                    stats.waited(decision.delay)
-                    current.waited += decision.delay
-                continue
-            except BaseException:
-                limiter.settle(reservation, None)  # may have been sent: keep it charged
-                stats.failed_call()
-                raise
-            finally:
-                current.attempt = None
-            # 3b. Done: charge the real usage instead of the estimate (a stream, when it ends).
-            if not streaming:
-                attempt.settle(used)
-            return result
-
 
 #: What the SDK raises when a 2xx body is not what it parses: JSONDecodeError (a ValueError) for JSON cut
 #: short or empty, AttributeError/TypeError/KeyError from a parser handed an error object or a page.
@@ -777,6 +1010,39 @@ def _remaining(max_wait: Optional[float], waited: float, deadline: Optional[floa
     return min(bounds) if bounds else None
 
 
+class _AsyncThrottledMixin(_ThrottledCore):
+    """The throttling of AsyncThrottledClient and AsyncThrottledAzureClient: the same steps, awaited, so
+    that a waiting call blocks no thread and holds up no other task."""
+
+    def _hooked_http_client(self, given: Any) -> Any:
+        return _with_hooks(_OwnedAsyncHttpClient() if given is None else given, _on_request_async, _on_response_async)
+
+    async def request(self, cast_to: Any, options: Any, *args: Any, **kwargs: Any) -> Any:
+        """Send one API request under the limiter (see _steps), waiting without blocking the event loop.
+        A task cancelled on its way (in line, backing off, in flight) gives back what it reserved and
+        was never sent, keeps charged what was, and raises CancelledError."""
+        call = _Call(self._steps(cast_to, options, kwargs))
+        for step in call:
+            with call:
+                call.result = await self._perform(step, cast_to, options, args, kwargs)
+        return call.value
+
+    async def _perform(
+        self, step: _Step, cast_to: Any, options: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]
+    ) -> Any:
+        """Carry out one step of a call; its waits are awaited."""
+        if step.name == "send":
+            return await super().request(cast_to, options, *args, **kwargs)  # type: ignore[misc]
+        if step.name == "sleep":  # a task is stopped by cancelling it; a bulk run's event is checked after
+            seconds, cancel = step.args
+            await asyncio.sleep(seconds)
+            return cancel is not None and cancel.is_set()
+        if step.name == "acquire":
+            key, tokens, timeout, _ = step.args
+            return await self._limiter.aacquire(key, tokens, timeout=timeout)
+        return await getattr(self._limiter, "a" + step.name)(*step.args)  # asettle, acancel, alearn_..., apause
+
+
 class ThrottledClient(_ThrottledMixin, openai.OpenAI):
     """openai.OpenAI with every request held under requests- and tokens-per-minute limits.
 
@@ -809,8 +1075,26 @@ class ThrottledAzureClient(_ThrottledMixin, openai.AzureOpenAI):
     not always send the limits themselves.
     """
 
-    def _limit_model(self, body: Mapping[str, Any]) -> str:
-        path = str(getattr(self, "base_url", ""))
-        if "/deployments/" in path:
-            return path.split("/deployments/", 1)[1].split("/", 1)[0]
-        return super()._limit_model(body)
+
+class AsyncThrottledClient(_AsyncThrottledMixin, openai.AsyncOpenAI):
+    """openai.AsyncOpenAI with every request held under requests- and tokens-per-minute limits.
+
+    Takes the same arguments as ThrottledClient (every openai.AsyncOpenAI argument, plus rpm, tpm,
+    limits, limiter, retry, max_wait) and behaves the same way; a call waiting for capacity or backoff
+    awaits, blocking no thread. Share one client between the tasks of its event loop; share its
+    limiter (client.limiter, or a RateLimiter given to both) with ThrottledClients in threads and with
+    clients on other loops: they all stay under the limits together, first come, first served.
+
+    A cancelled task (task.cancel(), asyncio.wait_for, asyncio.timeout) leaves the line at once,
+    gives back what it reserved and did not send, and lets the next caller go; CancelledError
+    propagates as always.
+
+    Like openai.AsyncOpenAI, it is bound to the event loop that first uses it: create it in that loop
+    (in a FastAPI lifespan, say). It closes the HTTP client it made on await client.close() or at the
+    end of an async with block; an http_client you pass stays yours.
+    """
+
+
+class AsyncThrottledAzureClient(_AsyncThrottledMixin, openai.AsyncAzureOpenAI):
+    """openai.AsyncAzureOpenAI with the throttling of AsyncThrottledClient; limits are keyed per
+    deployment, and Azure's headers are read as ThrottledAzureClient reads them."""
