@@ -8,9 +8,10 @@ How it hooks into the SDK, and why:
   one straight function estimate the cost, wait for capacity, call the SDK, settle the usage and
   retry, with the SDK's own retries turned off so the two never multiply.
 - That function (_ThrottledCore._steps) is written once, for both kinds of client: a generator that
-  yields each step that waits (acquire, send, settle, learn, pause, sleep) and is sent its outcome.
-  ThrottledClient.request carries the steps out by blocking its thread, AsyncThrottledClient.request
-  by awaiting; nothing else differs.
+  yields each step that waits (acquire, send, settle, learn, pause, sleep) and is sent its outcome,
+  as the limiter's own operations are (waiting.py). Each step says how a thread does it (block) and
+  how a task does (wait); ThrottledClient.request runs the steps with waiting.drive,
+  AsyncThrottledClient.request with waiting.adrive. Nothing else differs.
 - The response headers (x-ratelimit-*) are read by an httpx response *event hook*, a public
   extension point of httpx and httpx2 that also works on an http_client the user brings (an
   AsyncClient awaits its hooks: the async client installs coroutine hooks).
@@ -30,18 +31,17 @@ import logging
 import math
 import re
 import sys
+import threading
 import time
 from typing import (
     Any,
     AsyncIterator,
     Callable,
     Dict,
-    Generator,
     Iterable,
     Iterator,
     List,
     Mapping,
-    NamedTuple,
     Optional,
     Tuple,
     TypeVar,
@@ -60,6 +60,7 @@ from .mapping import BulkTarget, ProgressArg
 from .retry import Retry
 from .stats import Stats, StatsSnapshot
 from .tokens import TokenCounter, assumed_output_cap, endpoint_of, estimate_cost, usage_tokens
+from .waiting import Step, Steps, adrive, drive
 
 NOT_GIVEN: Any = openai.NOT_GIVEN  # "left out", as in the SDK's own copy(): None means "no limit" here
 
@@ -396,54 +397,83 @@ def _make_retry(retry: Union[Retry, int, None], max_retries: Any) -> Retry:
     raise TypeError(f"retry must be a throttled_openai.Retry, an int or None, got {type(retry).__name__}")
 
 
-class _Step(NamedTuple):
-    """One step of a call that may wait, for the sync or the async client to carry out its own way.
-
-    ``name`` is "send" (the SDK's request), "sleep" (``args``: seconds, and a bulk run's cancel event or
-    None; the outcome is True when the event ended the sleep early) or the RateLimiter method to call
-    with ``args``: "acquire" (key, tokens, timeout, cancel event or None), "settle", "cancel",
-    "learn_from_message" or "pause". The async client awaits that method's asyncio face, "a" + name.
-    """
-
-    name: str
-    args: Tuple[Any, ...] = ()
+# -- the steps of a call that wait: each says how a thread does it (block) and how a task does (wait) ---
 
 
-_SEND = _Step("send")
+class _Send(Step):
+    """Send the request through the SDK: its own request(), the method the throttled clients override."""
+
+    __slots__ = ("args", "client", "kwargs")
+
+    def __init__(self, client: _ThrottledCore, args: Tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
+        self.client = client
+        self.args = args  # (cast_to, options, ...)
+        self.kwargs = kwargs
+
+    def block(self) -> Any:
+        return super(_ThrottledMixin, self.client).request(*self.args, **self.kwargs)  # type: ignore[misc]
+
+    async def wait(self) -> Any:
+        return await super(_AsyncThrottledMixin, self.client).request(*self.args, **self.kwargs)  # type: ignore[misc]
 
 
-class _Call:
-    """Runs the steps of one call (_ThrottledCore._steps) for a request() method. Iterating it hands
-    out each step; ``with call:`` around carrying one out hands back its outcome (``call.result``), or
-    the exception it raised, thrown into the steps, which settle, count and raise it again (never
-    swallowed). ``call.value`` is what the call returns."""
+class _Acquire(Step):
+    """Wait for the limiter's capacity: a reservation, or its error. A bulk run's cancel event stops a
+    thread's wait; a task's is stopped by cancelling the task."""
 
-    __slots__ = ("_error", "_steps", "result", "value")
+    __slots__ = ("cancel", "key", "limiter", "timeout", "tokens")
 
-    def __init__(self, steps: Generator[_Step, Any, Any]) -> None:
-        self._steps = steps
-        self._error: Optional[BaseException] = None
-        self.result: Any = None
-        self.value: Any = None
+    def __init__(
+        self,
+        limiter: RateLimiter,
+        key: LimitKey,
+        tokens: int,
+        timeout: Optional[float],
+        cancel: Optional[threading.Event],
+    ) -> None:
+        self.limiter, self.key, self.tokens, self.timeout, self.cancel = limiter, key, tokens, timeout, cancel
 
-    def __iter__(self) -> _Call:
-        return self
+    def block(self) -> Reservation:
+        return self.limiter.acquire(self.key, self.tokens, timeout=self.timeout, cancel=self.cancel)
 
-    def __next__(self) -> _Step:
-        error, self._error = self._error, None
-        outcome, self.result = self.result, None
-        try:
-            return self._steps.throw(error) if error is not None else self._steps.send(outcome)
-        except StopIteration as done:
-            self.value = done.value
-            raise StopIteration from None
+    async def wait(self) -> Reservation:
+        return await self.limiter.aacquire(self.key, self.tokens, timeout=self.timeout)
 
-    def __enter__(self) -> None:
-        return None
 
-    def __exit__(self, kind: Any, error: Optional[BaseException], traceback: Any) -> bool:
-        self._error = error
-        return True  # the steps get it and raise it again
+class _Limiter(Step):
+    """Call a RateLimiter method that ends or teaches a reservation (settle, cancel, learn_from_message,
+    pause): on a thread the method itself, in a task its asyncio face ("a" + its name)."""
+
+    __slots__ = ("args", "limiter", "name")
+
+    def __init__(self, limiter: RateLimiter, name: str, *args: Any) -> None:
+        self.limiter, self.name, self.args = limiter, name, args
+
+    def block(self) -> None:
+        getattr(self.limiter, self.name)(*self.args)
+
+    async def wait(self) -> None:
+        await getattr(self.limiter, "a" + self.name)(*self.args)
+
+
+class _Sleep(Step):
+    """Back off before a retry. The outcome is True when a bulk run's cancel event cut it short (a task
+    is stopped by cancelling it instead; the event is still looked at when the sleep ends)."""
+
+    __slots__ = ("cancel", "seconds")
+
+    def __init__(self, seconds: float, cancel: Optional[threading.Event]) -> None:
+        self.seconds, self.cancel = seconds, cancel
+
+    def block(self) -> bool:
+        if self.cancel is None:
+            time.sleep(self.seconds)
+            return False
+        return self.cancel.wait(self.seconds)
+
+    async def wait(self) -> bool:
+        await asyncio.sleep(self.seconds)
+        return self.cancel is not None and self.cancel.is_set()
 
 
 class _ThrottledCore:
@@ -564,13 +594,15 @@ class _ThrottledCore:
         model = body.get("model")
         return model if isinstance(model, str) and model else "*"
 
-    def _steps(self, cast_to: Any, options: Any, kwargs: Mapping[str, Any]) -> Generator[_Step, Any, Any]:
+    def _steps(self, cast_to: Any, options: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Steps[Any]:
         """One API request under the limiter: estimate, wait, send, settle; retry by policy.
 
-        Written once for both clients, without I/O: each step that may wait is yielded as a _Step, and
-        the client's request() carries it out (blocking, or awaiting), then sends its outcome back or
-        throws in its exception. Returns what the SDK returned.
+        Written once for both clients: each step that waits (_Acquire, _Send, _Limiter, _Sleep) is
+        yielded, and request() runs the whole with waiting.drive (blocking this thread in each step) or
+        waiting.adrive (awaiting it), which sends back its outcome or throws in its exception. Returns
+        what the SDK returned.
         """
+        limiter = self._limiter
         body = options.json_data if isinstance(options.json_data, Mapping) else {}
         endpoint = endpoint_of(str(options.url))
         key: LimitKey = (self._account, self._limit_model(body))
@@ -595,7 +627,7 @@ class _ThrottledCore:
                 allowed = _remaining(max_wait, waited_total, policy.deadline, started)
                 before = time.monotonic()
                 try:
-                    reservation: Reservation = yield _Step("acquire", (key, cost, allowed, cancel))
+                    reservation: Reservation = yield _Acquire(limiter, key, cost, allowed, cancel)
                 except RequestTooLarge as error:
                     assumed = assumed_output_cap(endpoint, body) if endpoint else None
                     if assumed is None:
@@ -605,12 +637,12 @@ class _ThrottledCore:
                 waited_total += waited
                 stats.attempt(cost, waited)
                 current.waited += waited
-                attempt = _Attempt(self._limiter, reservation, streaming, stats, endpoint)
+                attempt = _Attempt(limiter, reservation, streaming, stats, endpoint)
                 try:
                     # 2. Send through the SDK; the response hook reports the headers to the limiter.
                     current.attempt = attempt
                     try:
-                        result = yield _SEND
+                        result = yield _Send(self, (cast_to, options, *args), kwargs)
                     except _PARSE_ERRORS as error:  # a 2xx whose body the SDK could not parse, or a parse of ours
                         problem = _bad_body(attempt.response)
                         if problem is None:  # a whole JSON answer: the error is the caller's (a parse() schema)
@@ -623,15 +655,15 @@ class _ThrottledCore:
                     # 3a. Failed: charge what the server likely counted, then ask the policy.
                     status = getattr(error, "status_code", None)
                     refused = status is not None and status < 500 and not isinstance(error, MalformedResponse)
-                    yield _Step("settle", (reservation, 0 if refused else None))
+                    yield _Limiter(limiter, "settle", reservation, 0 if refused else None)
                     if status == 429:  # "... per min (RPM): Limit 3, Used 3, Requested 1": learn that limit
                         message = parse_limit_message(getattr(error, "message", None) or str(error))
                         if message is not None:
-                            yield _Step("learn_from_message", (reservation, message))
+                            yield _Limiter(limiter, "learn_from_message", reservation, message)
                     retries += 1
                     decision = policy.decide(error, retries)
                     if decision.pause_all:
-                        yield _Step("pause", (reservation, decision.delay, decision.kind.rpartition("_")[2]))
+                        yield _Limiter(limiter, "pause", reservation, decision.delay, decision.kind.rpartition("_")[2])
                     left = _remaining(max_wait, waited_total, policy.deadline, started)
                     retry = decision.retry and (left is None or decision.delay <= left)
                     stats.failed_attempt(decision.kind, status == 429, retry)
@@ -650,7 +682,7 @@ class _ThrottledCore:
                         decision.delay,
                     )
                     if not decision.pause_all:  # a pause is waited out in the limiter, by everyone
-                        if (yield _Step("sleep", (decision.delay, cancel))):
+                        if (yield _Sleep(decision.delay, cancel)):
                             raise Cancelled("the bulk call stopped while this request waited to retry") from error
                         waited_total += decision.delay
                         stats.waited(decision.delay)
@@ -660,11 +692,15 @@ class _ThrottledCore:
                     # Stopped on its way (Ctrl-C, a cancelled task) or an error the policy does not judge:
                     # what never left is given back, what may have reached the server stays charged.
                     if not isinstance(error, GeneratorExit):
-                        yield _Step("settle", (reservation, None)) if attempt.sent else _Step("cancel", (reservation,))
+                        yield (
+                            _Limiter(limiter, "settle", reservation, None)
+                            if attempt.sent
+                            else _Limiter(limiter, "cancel", reservation)
+                        )
                     raise
                 # 3b. Done: charge the real usage instead of the estimate (a stream, when it ends).
                 if not streaming:
-                    yield _Step("settle", (reservation, used))
+                    yield _Limiter(limiter, "settle", reservation, used)
                     if used is not None:
                         stats.used(used)
                 return result
@@ -691,24 +727,8 @@ class _ThrottledMixin(_ThrottledCore):
         return _with_hooks(_OwnedHttpClient() if given is None else given, _on_request, _on_response)
 
     def request(self, cast_to: Any, options: Any, *args: Any, **kwargs: Any) -> Any:
-        """Send one API request under the limiter (see _steps), waiting by blocking this thread."""
-        call = _Call(self._steps(cast_to, options, kwargs))
-        for step in call:
-            with call:
-                call.result = self._perform(step, cast_to, options, args, kwargs)
-        return call.value
-
-    def _perform(self, step: _Step, cast_to: Any, options: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
-        """Carry out one step of a call; its waits block this thread."""
-        if step.name == "send":
-            return super().request(cast_to, options, *args, **kwargs)  # type: ignore[misc]
-        if step.name == "sleep":  # a bulk run's cancel event cuts it short
-            seconds, cancel = step.args
-            return cancel.wait(seconds) if cancel is not None else time.sleep(seconds)
-        if step.name == "acquire":
-            key, tokens, timeout, cancel = step.args
-            return self._limiter.acquire(key, tokens, timeout=timeout, cancel=cancel)
-        return getattr(self._limiter, step.name)(*step.args)  # settle, cancel, learn_from_message, pause
+        """Send one API request under the limiter (see _steps), blocking this thread while it waits."""
+        return drive(self._steps(cast_to, options, args, kwargs))
 
     # -- bulk ------------------------------------------------------------------------------------
 
@@ -1018,29 +1038,11 @@ class _AsyncThrottledMixin(_ThrottledCore):
         return _with_hooks(_OwnedAsyncHttpClient() if given is None else given, _on_request_async, _on_response_async)
 
     async def request(self, cast_to: Any, options: Any, *args: Any, **kwargs: Any) -> Any:
-        """Send one API request under the limiter (see _steps), waiting without blocking the event loop.
-        A task cancelled on its way (in line, backing off, in flight) gives back what it reserved and
-        was never sent, keeps charged what was, and raises CancelledError."""
-        call = _Call(self._steps(cast_to, options, kwargs))
-        for step in call:
-            with call:
-                call.result = await self._perform(step, cast_to, options, args, kwargs)
-        return call.value
-
-    async def _perform(
-        self, step: _Step, cast_to: Any, options: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]
-    ) -> Any:
-        """Carry out one step of a call; its waits are awaited."""
-        if step.name == "send":
-            return await super().request(cast_to, options, *args, **kwargs)  # type: ignore[misc]
-        if step.name == "sleep":  # a task is stopped by cancelling it; a bulk run's event is checked after
-            seconds, cancel = step.args
-            await asyncio.sleep(seconds)
-            return cancel is not None and cancel.is_set()
-        if step.name == "acquire":
-            key, tokens, timeout, _ = step.args
-            return await self._limiter.aacquire(key, tokens, timeout=timeout)
-        return await getattr(self._limiter, "a" + step.name)(*step.args)  # asettle, acancel, alearn_..., apause
+        """Send one API request under the limiter (see _steps), awaiting while it waits: no thread is
+        blocked. A task cancelled on its way (in line, backing off, in flight) gives back what it
+        reserved and never sent, keeps charged what may have reached the server, and raises
+        CancelledError."""
+        return await adrive(self._steps(cast_to, options, args, kwargs))
 
 
 class ThrottledClient(_ThrottledMixin, openai.OpenAI):
