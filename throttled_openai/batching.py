@@ -16,7 +16,7 @@ from typing import Any, Callable, Generic, Hashable, Iterable, Iterator, List, O
 
 from .errors import ThrottledOpenAIError
 
-__all__ = ["Batch", "IncompleteResponse", "pack", "split_choices"]
+__all__ = ["Batch", "IncompleteResponse", "Packer", "pack", "split_choices"]
 
 T = TypeVar("T")
 
@@ -49,6 +49,39 @@ class Batch(Generic[T]):
         )
 
 
+class Packer(Generic[T]):
+    """:func:`pack` as steps that do no I/O, for a driver that reads its input or its budget with
+    ``await``: :meth:`add` each ``(position, item, cost)``; when it returns the batch the item did not
+    fit in, set :attr:`budget` for the batch the item started (``None``: no bound). :meth:`flush`
+    returns what is left (``None`` when nothing is)."""
+
+    def __init__(self, max_items: int, budget: Optional[int], kind: Optional[Callable[[T], Hashable]] = None) -> None:
+        self.max_items = max_items
+        self.budget = budget
+        self.kind = kind
+        self._positions: List[int] = []
+        self._items: List[T] = []
+        self._total = 0
+
+    def add(self, position: int, item: T, cost: int) -> Optional[Batch[T]]:
+        cut = None
+        if self._items:
+            full = len(self._items) >= self.max_items or (self.budget is not None and self._total + cost > self.budget)
+            if full or (self.kind is not None and self.kind(item) != self.kind(self._items[0])):
+                cut = self.flush()
+        self._positions.append(position)
+        self._items.append(item)
+        self._total += cost
+        return cut
+
+    def flush(self) -> Optional[Batch[T]]:
+        if not self._items:
+            return None
+        batch = Batch(tuple(self._positions), tuple(self._items), self._total)
+        self._positions, self._items, self._total = [], [], 0
+        return batch
+
+
 def pack(
     items: Iterable[Tuple[int, T, int]],
     max_items: int,
@@ -61,10 +94,7 @@ def pack(
     cannot mix text prompts and token prompts). An item costlier than the budget goes alone: the
     limiter decides if it can ever pass. Lazy: reads one item past the batch it yields, no more.
     """
-    positions: List[int] = []
-    batch: List[T] = []
-    total = 0
-    budget = max_cost()
+    packer = Packer(max_items, max_cost(), kind)
     source = iter(items)
     while True:
         try:
@@ -73,19 +103,17 @@ def pack(
             break
         except Exception:
             # The input failed (a bad item, a read error): what was read before it still goes out.
-            if batch:
-                yield Batch(tuple(positions), tuple(batch), total)
+            rest = packer.flush()
+            if rest is not None:
+                yield rest
             raise
-        full = len(batch) >= max_items or (budget is not None and total + cost > budget)
-        if batch and (full or (kind is not None and kind(item) != kind(batch[0]))):
-            yield Batch(tuple(positions), tuple(batch), total)
-            positions, batch, total = [], [], 0
-            budget = max_cost()
-        positions.append(position)
-        batch.append(item)
-        total += cost
-    if batch:
-        yield Batch(tuple(positions), tuple(batch), total)
+        batch = packer.add(position, item, cost)
+        if batch is not None:
+            yield batch
+            packer.budget = max_cost()
+    rest = packer.flush()
+    if rest is not None:
+        yield rest
 
 
 def split_choices(choices: Sequence[Any], inputs: int, n: int = 1) -> List[Union[List[Any], IncompleteResponse]]:
