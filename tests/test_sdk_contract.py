@@ -15,6 +15,12 @@ throttling would silently stop working: fix client.py before anything else.
 - ``openai.APIResponseValidationError(response, body, message=)``, the base of ``MalformedResponse``.
 - ``openai.DefaultHttpxClient`` can be subclassed (the client's own HTTP client closes itself).
 - Each ``create`` the bulk helpers call has a signature naming the arguments it takes.
+- The asyncio client (``AsyncThrottledClient``) relies on the same surfaces of ``openai.AsyncOpenAI``:
+  ``async def request(cast_to, options, *, stream, stream_cls)`` (openai 1.40 adds ``remaining_retries``),
+  ``copy(..., _extra_kwargs=...)`` on ``AsyncOpenAI`` and ``AsyncAzureOpenAI``, a subclassable
+  ``openai.DefaultAsyncHttpxClient`` whose ``event_hooks`` (request and response) are *awaited*,
+  ``response.stream`` an ``AsyncByteStream`` of the response's library (httpx or httpx2), ``close()`` a
+  coroutine that closes the HTTP client, and the ``X-Stainless-Raw-Response: stream`` marker.
 - The Batch API route: ``files.create(file=(name, data, type), purpose=)``, ``batches.create``,
   ``retrieve``, ``list`` (auto-paging), ``cancel``, ``files.with_streaming_response.content`` read with
   ``iter_bytes()``, and ``construct()`` to build ``ChatCompletion`` / ``CompletionChoice`` from dicts.
@@ -22,13 +28,16 @@ throttling would silently stop working: fix client.py before anything else.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
+import sys
+from typing import Any, List
 
 import openai
 import pytest
 from openai._models import FinalRequestOptions
 
-from throttled_openai import ThrottledClient
+from throttled_openai import AsyncThrottledClient, ThrottledClient
 from throttled_openai.testing import FakeOpenAI
 
 
@@ -44,7 +53,7 @@ def test_request_options_fields() -> None:
         assert name in fields, f"SDK's FinalRequestOptions lost {name!r}"
 
 
-@pytest.mark.parametrize("cls", [openai.OpenAI, openai.AzureOpenAI])
+@pytest.mark.parametrize("cls", [openai.OpenAI, openai.AzureOpenAI, openai.AsyncOpenAI, openai.AsyncAzureOpenAI])
 def test_copy_accepts_extra_kwargs(cls: type) -> None:
     params = inspect.signature(cls.copy).parameters
     assert "_extra_kwargs" in params, f"{cls.__name__}.copy no longer takes _extra_kwargs"
@@ -172,3 +181,111 @@ def test_sdk_models_build_from_a_dict_with_construct() -> None:
     assert completion.choices[0].message.content == "hi"
     choice = CompletionChoice.construct(index=0, text="t", finish_reason="stop", logprobs=None)
     assert choice.text == "t"
+
+
+# -- the asyncio client ------------------------------------------------------------------------------
+
+
+def _library_of(cls: type) -> Any:
+    """httpx, or httpx2 for openai 3.x: the HTTP library a class of the SDK's is built on."""
+    return next(sys.modules[c.__module__.split(".")[0]] for c in cls.__mro__ if c.__module__.startswith("httpx"))
+
+
+def test_async_request_signature() -> None:
+    request = openai.AsyncOpenAI.request
+    assert inspect.iscoroutinefunction(request), "AsyncOpenAI.request is no longer a coroutine function"
+    params = inspect.signature(request).parameters
+    assert list(params)[:3] == ["self", "cast_to", "options"], "SDK changed AsyncOpenAI.request's positional arguments"
+    rest = {name: p for name, p in params.items() if name not in ("self", "cast_to", "options")}
+    assert "stream" in rest and set(rest) <= {"stream", "stream_cls", "remaining_retries"}, sorted(rest)
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in rest.values())
+    assert inspect.iscoroutinefunction(openai.AsyncOpenAI.close), "AsyncOpenAI.close is not awaited any more"
+
+
+def test_default_async_http_client_is_subclassable_with_settable_hooks() -> None:
+    library = _library_of(openai.DefaultAsyncHttpxClient)
+    assert issubclass(openai.DefaultAsyncHttpxClient, library.AsyncClient)
+    assert hasattr(library, "AsyncByteStream") and hasattr(library, "SyncByteStream")
+
+    class Mine(openai.DefaultAsyncHttpxClient):  # type: ignore[misc, valid-type]
+        pass
+
+    async def body() -> None:
+        client = Mine()
+        hooks = client.event_hooks
+        assert set(hooks) >= {"request", "response"}
+        client.event_hooks = {**hooks, "response": [*hooks["response"], print]}
+        assert print in client.event_hooks["response"] and not client.is_closed
+        await client.aclose()
+        assert client.is_closed
+
+    asyncio.run(body())
+
+
+def test_async_hooks_are_awaited_in_the_calling_task_with_an_async_byte_stream() -> None:
+    """AsyncClient awaits each request and response hook (a plain function would fail there), in the task
+    that sends, before the body is read; response.stream is the library's AsyncByteStream."""
+    seen: List[str] = []
+
+    async def on_request(request: Any) -> None:
+        seen.append(f"request {asyncio.current_task() is task}")
+
+    async def on_response(response: Any) -> None:
+        library = _library_of(type(response))
+        seen.append(f"response {asyncio.current_task() is task} {isinstance(response.stream, library.AsyncByteStream)}")
+
+    async def body() -> None:
+        http = openai.DefaultAsyncHttpxClient(event_hooks={"request": [on_request], "response": [on_response]})
+        plain = openai.AsyncOpenAI(base_url=server.base_url, api_key="sk-contract", http_client=http, max_retries=0)
+        await plain.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+        await plain.close()
+        assert http.is_closed, "AsyncOpenAI.close() no longer closes its HTTP client"
+
+    with FakeOpenAI() as server:
+        task = None
+
+        async def main() -> None:
+            nonlocal task
+            task = asyncio.current_task()
+            await body()
+
+        asyncio.run(main())
+    assert seen == ["request True", "response True True"]
+
+
+def test_the_async_override_and_hooks_are_reached() -> None:
+    async def body() -> None:
+        async with AsyncThrottledClient(base_url=server.base_url, api_key="sk-contract") as client:
+            await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+            assert client.stats().calls == 1, "AsyncThrottledClient.request was bypassed by the SDK"
+            state = client.limiter.snapshot()["m"]
+            assert (state["requests_limit"], state["tokens_limit"]) == (1234, 56789), "the response hook never ran"
+            assert client.with_options(timeout=3).limiter is client.limiter, "copy() did not pass the limiter on"
+            stream = await client.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=3, stream=True,
+                stream_options={"include_usage": True},
+            )  # fmt: skip
+            used = [chunk.usage.total_tokens async for chunk in stream if chunk.usage is not None]
+            assert used and client.stats().tokens_used == 2 * used[0], "the stream's body was not scanned"
+
+    with FakeOpenAI(rpm=1234, tpm=56789) as server:
+        asyncio.run(body())
+
+
+def test_async_with_streaming_response_marks_the_request() -> None:
+    seen = []
+
+    class Spy(AsyncThrottledClient):
+        async def request(self, cast_to, options, *args, **kwargs):  # type: ignore[no-untyped-def]
+            seen.append(dict(options.headers) if isinstance(options.headers, dict) else {})
+            return await super().request(cast_to, options, *args, **kwargs)
+
+    async def body() -> None:
+        client = Spy(base_url=server.base_url, api_key="sk-contract")
+        chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        async with client, client.chat.completions.with_streaming_response.create(**chat) as response:
+            await response.read()
+
+    with FakeOpenAI() as server:
+        asyncio.run(body())
+    assert seen and seen[0].get("X-Stainless-Raw-Response") == "stream"
