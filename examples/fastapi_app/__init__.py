@@ -1,0 +1,1 @@
+"""A FastAPI service that calls OpenAI through one AsyncThrottledClient per worker: see ``main.py``."""
