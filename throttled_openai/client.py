@@ -633,12 +633,12 @@ class _ThrottledCore:
                     if assumed is None:
                         raise
                     raise error.with_detail(f"{assumed:,} output tokens assumed: pass max_tokens") from None
-                waited = time.monotonic() - before
-                waited_total += waited
-                stats.attempt(cost, waited)
-                current.waited += waited
                 attempt = _Attempt(limiter, reservation, streaming, stats, endpoint)
                 try:
+                    waited = time.monotonic() - before
+                    waited_total += waited
+                    stats.attempt(cost, waited)
+                    current.waited += waited
                     # 2. Send through the SDK; the response hook reports the headers to the limiter.
                     current.attempt = attempt
                     try:
@@ -692,11 +692,10 @@ class _ThrottledCore:
                     # Stopped on its way (Ctrl-C, a cancelled task) or an error the policy does not judge:
                     # what never left is given back, what may have reached the server stays charged.
                     if not isinstance(error, GeneratorExit):
-                        yield (
-                            _Limiter(limiter, "settle", reservation, None)
-                            if attempt.sent
-                            else _Limiter(limiter, "cancel", reservation)
-                        )
+                        if attempt.sent:
+                            yield _Limiter(limiter, "settle", reservation, None)
+                        else:
+                            yield _Limiter(limiter, "cancel", reservation)
                     raise
                 # 3b. Done: charge the real usage instead of the estimate (a stream, when it ends).
                 if not streaming:
