@@ -197,6 +197,60 @@ def test_with_streaming_response_is_settled_when_read(server: FakeOpenAI, stream
     run(body)
 
 
+class CountingLimiter(RateLimiter):
+    """Records each reservation the async face settles."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.settled: List[Any] = []
+
+    async def asettle(self, reservation: Any, used_tokens: Any) -> None:
+        self.settled.append(reservation)
+        await super().asettle(reservation, used_tokens)
+
+
+def test_every_way_a_stream_ends_settles_it_once_through_the_async_face(server: FakeOpenAI) -> None:
+    """However the SDK ends a body (read to its end in 1.x, closed after the final event in 2.x, read a
+    second time then closed in 3.57, closed early, never read, cut), it is settled exactly once."""
+    limiter = CountingLimiter()
+
+    async def body() -> None:
+        client = client_for(server, limiter=limiter)
+        chat = client.chat.completions
+        async for _ in await chat.create(**CHAT, **USAGE):
+            pass
+        stream = await chat.create(**CHAT, stream=True)
+        async for _ in stream:
+            break
+        await stream.close()
+        async with chat.with_streaming_response.create(**CHAT, **USAGE) as response:
+            await response.read()
+        async with chat.with_streaming_response.create(**CHAT) as response:
+            pass
+        server.inject("stream_cut", 1)
+        with pytest.raises(IncompleteStream):
+            async for _ in await chat.create(**CHAT, **USAGE):
+                pass
+        await asyncio.sleep(0.1)  # anything left to run in the loop runs (3.57 drains in a task)
+        assert clean(limiter) == (0, 0) and client.stats().calls == 5
+        await client.close()
+
+    run(body)
+    assert len(limiter.settled) == len({id(r) for r in limiter.settled}) == 5
+
+
+def test_raw_responses_are_checked_and_settled_against_their_usage(server: FakeOpenAI) -> None:
+    async def body() -> None:
+        client = client_for(server)
+        server.inject("html_200", 1)
+        raw = await client.chat.completions.with_raw_response.create(**CHAT)
+        assert client.stats().tokens_used == raw.parse().usage.total_tokens > 0
+        assert client.stats().errors == {"malformed_response": 1}
+        await client.close()
+
+    run(body)
+
+
 @needs_responses
 def test_a_streamed_responses_call_is_settled_against_its_usage(server: FakeOpenAI) -> None:
     async def body() -> None:
@@ -563,6 +617,13 @@ def test_a_task_cancelled_before_its_request_left_gives_everything_back() -> Non
         assert server.stats()["requests"] == 0
 
 
+class Patient(Retry):
+    """Backs off 30 s before every retry (no jitter): a test can catch a call while it sleeps."""
+
+    def backoff(self, retry_number: int, rng: Any = None) -> float:
+        return 30.0
+
+
 @pytest.mark.parametrize("where", ["in_flight", "backoff"])
 def test_a_task_cancelled_after_sending_keeps_the_estimate_charged(where: str) -> None:
     """Cancelled while its request is on the wire, or while it backs off after a 500: CancelledError
@@ -572,7 +633,7 @@ def test_a_task_cancelled_after_sending_keeps_the_estimate_charged(where: str) -
     with FakeOpenAI(latency=2.0 if where == "in_flight" else 0.0) as server:
 
         async def body() -> None:
-            client = client_for(server, limiter=limiter, retry=Retry(backoff_base=10.0, backoff_max=10.0))
+            client = client_for(server, limiter=limiter, retry=Patient())
             if where == "backoff":
                 server.inject("500")
             task = asyncio.ensure_future(client.chat.completions.create(**{**CHAT, "max_tokens": 3000}))
