@@ -87,6 +87,12 @@ class _TaskRun(_Run["asyncio.Task[List[Any]]"]):
                     exchange.answer(exc)
         return exchange.outcomes
 
+    _next: Optional[asyncio.Future[None]] = None  # resolved when a request finishes
+
+    def _finished(self, task: asyncio.Task[List[Any]]) -> None:
+        if self._next is not None and not self._next.done():
+            self._next.set_result(None)
+
     async def results(self, batches: AsyncGenerator[Batch[Any], None], ordered: bool) -> Outcomes:
         """Yield ``(position, result or exception)`` for every input of ``batches`` that was sent.
 
@@ -109,12 +115,16 @@ class _TaskRun(_Run["asyncio.Task[List[Any]]"]):
                     except Exception as exc:  # the caller's input failed: finish what was sent first
                         source_error, exhausted = exc, True
                         break
-                    window.add(batch, asyncio.ensure_future(self._work(batch)))
+                    task = asyncio.ensure_future(self._work(batch))
+                    task.add_done_callback(self._finished)
+                    window.add(batch, task)
                 if not window:
                     break
                 ready, left = self.ready(ordered, deadline)
                 if not ready:
-                    await asyncio.wait(window.unfinished(), timeout=left, return_when=asyncio.FIRST_COMPLETED)
+                    # One future for the next request to finish: waiting costs the same with 500 in flight.
+                    self._next = asyncio.get_running_loop().create_future()
+                    await asyncio.wait([self._next], timeout=left)
                 for batch, task in ready:
                     for reported in self.record(batch, task):
                         yield reported
