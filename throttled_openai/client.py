@@ -583,6 +583,25 @@ class _ThrottledCore:
     def __repr__(self) -> str:
         return f"<{type(self).__name__} base_url={str(getattr(self, 'base_url', ''))!r} limiter={self._limiter!r}>"
 
+    def _bulk_target(self, endpoint: str, model: str, method: str) -> BulkTarget:
+        """The part of this client the bulk engines use, for model on endpoint: the sync one (mapping.py)
+        and the asyncio one (amapping.py), whose create is a coroutine function."""
+        if not isinstance(model, str) or not model:
+            raise TypeError(f"{method}() needs model= as a non-empty str, got {model!r}")
+        resource = {"completions": "completions", "chat": "chat.completions", "embeddings": "embeddings"}[endpoint]
+        create: Any = self
+        for name in resource.split("."):
+            create = getattr(create, name)
+        return BulkTarget(
+            limiter=self._limiter,
+            key=(self._account, self._limit_model({"model": model})),
+            counter=self._counter,
+            stats=self._stats.snapshot,
+            model=model,
+            create=create.create,
+            method=method,
+        )
+
     # -- one call --------------------------------------------------------------------------------
 
     def _limit_model(self, body: Mapping[str, Any]) -> str:
@@ -925,24 +944,6 @@ class _ThrottledMixin(_ThrottledCore):
         if unknown:
             raise TypeError(f"batch_requests() got unexpected keyword arguments {sorted(unknown)}")
         return batch_api.start(self, "requests", requests, state, model, 1, kwargs)
-
-    def _bulk_target(self, endpoint: str, model: str, method: str) -> BulkTarget:
-        """The part of this client the bulk engine uses, for model on endpoint."""
-        if not isinstance(model, str) or not model:
-            raise TypeError(f"{method}() needs model= as a non-empty str, got {model!r}")
-        resource = {"completions": "completions", "chat": "chat.completions", "embeddings": "embeddings"}[endpoint]
-        create: Any = self
-        for name in resource.split("."):
-            create = getattr(create, name)
-        return BulkTarget(
-            limiter=self._limiter,
-            key=(self._account, self._limit_model({"model": model})),
-            counter=self._counter,
-            stats=self._stats.snapshot,
-            model=model,
-            create=create.create,
-            method=method,
-        )
 
 
 #: What the SDK raises when a 2xx body is not what it parses: JSONDecodeError (a ValueError) for JSON cut
