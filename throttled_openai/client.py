@@ -51,6 +51,7 @@ from typing import (
 import openai
 
 from . import batch_api, mapping
+from .amapping import _AsyncBulkMixin
 from .batching import MAX_INPUTS_PER_EMBEDDING, MAX_PROMPTS_PER_COMPLETION
 from .context import current
 from .errors import Cancelled, IncompleteStream, MalformedResponse, RateLimitTimeout, RequestTooLarge
@@ -1078,7 +1079,7 @@ class ThrottledAzureClient(_ThrottledMixin, openai.AzureOpenAI):
     """
 
 
-class AsyncThrottledClient(_AsyncThrottledMixin, openai.AsyncOpenAI):
+class AsyncThrottledClient(_AsyncBulkMixin, _AsyncThrottledMixin, openai.AsyncOpenAI):
     """openai.AsyncOpenAI with every request held under requests- and tokens-per-minute limits.
 
     Takes the same arguments as ThrottledClient (every openai.AsyncOpenAI argument, plus rpm, tpm,
@@ -1097,6 +1098,6 @@ class AsyncThrottledClient(_AsyncThrottledMixin, openai.AsyncOpenAI):
     """
 
 
-class AsyncThrottledAzureClient(_AsyncThrottledMixin, openai.AsyncAzureOpenAI):
+class AsyncThrottledAzureClient(_AsyncBulkMixin, _AsyncThrottledMixin, openai.AsyncAzureOpenAI):
     """openai.AsyncAzureOpenAI with the throttling of AsyncThrottledClient; limits are keyed per
     deployment, and Azure's headers are read as ThrottledAzureClient reads them."""
