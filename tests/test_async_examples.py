@@ -3,8 +3,8 @@
 ``examples/fastapi_app`` runs under uvicorn: in a thread of this process for its answers (the lifespan
 builds its client, as in production; there is no test client, whose needs differ by starlette version),
 as ``python examples/fastapi_app/main.py`` and as ``uvicorn ... --workers 2`` with both workers sharing
-one budget in a real redis-server. All of it over real HTTP against fake OpenAI servers: no network, no
-API key.
+one budget in a real redis-server. ``examples/async_bulk.py`` runs as a user runs it. All of it over real
+HTTP against fake OpenAI servers: no network, no API key.
 """
 
 from __future__ import annotations
@@ -22,12 +22,13 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import IO, Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import IO, Any, Callable, Dict, Iterator, List, Optional, Set, Tuple
 
 import pytest
 from test_web_examples import _command, _free_port, _http, _server, _tail, _user_env
 
 from throttled_openai.testing import FakeOpenAI, RedisServer
+from throttled_openai.testing.endpoints import _embedding
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -324,3 +325,44 @@ def test_uvicorn_workers_share_the_limit_through_redis() -> None:
     # Each worker ran its lifespan's shutdown, closing its client.
     assert log_text.count("Application shutdown complete.") == WORKERS, log_text
     assert "Traceback" not in log_text, log_text
+
+
+# -- the async bulk example ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("upstream", ["built-in fake", "OPENAI_BASE_URL"])
+def test_async_bulk_example(tmp_path: Path, upstream: str) -> None:
+    """Without OPENAI_API_KEY the example starts its own fake (with a few 500s); with it, it uses the
+    server at OPENAI_BASE_URL (here a fake with a few 500s too). Either way every ticket gets its own label
+    and vector, in input order."""
+    target = tmp_path / "tickets.jsonl"
+    with contextlib.ExitStack() as stack:
+        env = _user_env()
+        if upstream == "OPENAI_BASE_URL":
+            server = stack.enter_context(FakeOpenAI(rpm=6_000, tpm=1_000_000, bucket_seconds=1.0, latency=0.02))
+            server.inject("500", count=3, path="/chat/completions")  # retried, not lost
+            server.inject("500", count=1, path="/embeddings")
+            env.update(OPENAI_API_KEY="sk-test", OPENAI_BASE_URL=server.base_url, OPENAI_RPM="6000")
+            env.update(OPENAI_TPM="1000000")
+        out = subprocess.run(
+            [sys.executable, "examples/async_bulk.py", str(target)],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        if upstream == "OPENAI_BASE_URL":
+            assert server.stats()["faults"] == 4, server.stats()  # each injected 500 was met, and retried
+    assert out.returncode == 0, out.stderr
+    assert f"100 labels, 0 failed; wrote 100 embeddings to {target}" in out.stdout, out.stdout
+    lines = [json.loads(line) for line in target.read_text().splitlines()]
+    assert [line["i"] for line in lines] == list(range(100))  # in input order, each once
+    tickets: Set[str] = set()
+    for line in lines:
+        ticket = line["ticket"]
+        assert line["label"] == f"echo:{ticket[:40]}#0", line  # its own answer, not a neighbour's
+        assert line["embedding"] == _embedding(ticket, 8), line
+        tickets.add(ticket)
+    assert len(tickets) == 100
