@@ -19,9 +19,7 @@ from throttled_openai import (
     Progress,
     RateLimiter,
     Retry,
-    ThrottledClient,
 )
-from throttled_openai.amapping import _AsyncBulkMixin
 from throttled_openai.testing import FakeOpenAI
 
 MODEL = "gpt-3.5-turbo-instruct"
@@ -30,10 +28,6 @@ FAST = Retry(backoff_base=0.01, backoff_max=0.05)
 
 _R = TypeVar("_R")
 MakeServer = Callable[..., FakeOpenAI]  # the make_server fixture (conftest)
-
-
-class _WithBulk(_AsyncBulkMixin, AsyncThrottledClient):  # until client.py mixes _AsyncBulkMixin in itself
-    _bulk_target = ThrottledClient._bulk_target
 
 
 def run(body: Callable[[], Awaitable[_R]]) -> _R:
@@ -46,10 +40,9 @@ def server(make_server: MakeServer) -> FakeOpenAI:
     return make_server(rpm=60_000, tpm=10_000_000)
 
 
-def client_for(server: FakeOpenAI, **kwargs: Any) -> Any:
+def client_for(server: FakeOpenAI, **kwargs: Any) -> AsyncThrottledClient:
     kwargs.setdefault("retry", FAST)
-    kind = AsyncThrottledClient if hasattr(AsyncThrottledClient, "amap_completions") else _WithBulk
-    return kind(base_url=server.base_url, api_key="sk-amap", **kwargs)
+    return AsyncThrottledClient(base_url=server.base_url, api_key="sk-amap", **kwargs)
 
 
 def prompts_sent(server: FakeOpenAI) -> List[int]:
@@ -65,7 +58,7 @@ def others() -> Set[asyncio.Task[Any]]:
     return {task for task in asyncio.all_tasks() if task is not asyncio.current_task()}
 
 
-async def settled(client: Any, model: str = MODEL) -> None:
+async def settled(client: AsyncThrottledClient, model: str = MODEL) -> None:
     """Assert nothing is left running: no other task, no caller waiting, no reservation open."""
     for _ in range(20):  # a generator left by break is closed by the loop a step or two later
         if not others():
@@ -515,3 +508,25 @@ def test_no_thread_is_started(server: FakeOpenAI) -> None:
             return len(started)
 
     assert run(body) == 0
+
+
+def test_a_redis_limiter_plans_the_run_through_its_async_faces(server: FakeOpenAI) -> None:
+    """Batches and concurrency are planned with RedisRateLimiter's async faces, from a task."""
+    pytest.importorskip("redis")
+    from throttled_openai import RedisRateLimiter
+    from throttled_openai.testing import RedisServer
+
+    if not RedisServer.available():
+        pytest.skip("no redis-server on PATH")
+
+    async def body(url: str) -> None:
+        limiter = RedisRateLimiter(url, rpm=60_000, tpm=10_000_000)
+        async with client_for(server, limiter=limiter) as client:
+            prompts = [f"r{i}" for i in range(45)]
+            got = [pair async for pair in client.aimap_completions(prompts, model=MODEL, max_tokens=1)]
+            assert [(i, c.text) for i, c in got] == [(i, expected_text(p)) for i, p in enumerate(prompts)]
+            assert sorted(prompts_sent(server)) == [5, 20, 20]
+            await settled(client)
+
+    with RedisServer() as redis_server:
+        asyncio.run(body(redis_server.url))

@@ -4,7 +4,12 @@ The same run as :mod:`throttled_openai.mapping`'s ``map_*`` / ``imap_*`` — the
 splitting, reordering, counts, concurrency and errors, all taken from there — driven by asyncio tasks
 instead of threads: a task per request in flight, as many as the limit and the latency call for (never
 one per input), and no thread at all. Only the waiting differs: ``await create(...)`` instead of a
-call, ``asyncio.wait`` instead of ``concurrent.futures.wait``, the limiter's async faces.
+call, a future the next finished request resolves instead of ``concurrent.futures.wait``, and the
+limiter's async faces for what the run plans with (``alimits_known``, ``arequest_rate``,
+``atoken_burst``: a :class:`~throttled_openai.RedisRateLimiter` may ask Redis).
+
+A plain iterable is read in the event loop's thread: a slow one (a network read) holds up the loop
+while it reads; give an async iterable instead.
 
 Stopping is cancelling. Cancelling the task that awaits ``amap_*``, or closing an ``aimap_*`` generator
 (``break`` in ``async for``, ``aclose()``), cancels every request in flight and waits until each has
@@ -132,9 +137,11 @@ class _TaskRun(_Run["asyncio.Task[List[Any]]"]):
                 raise source_error
         finally:
             self.stop.set()
-            await _cancel(window.unfinished())
-            await batches.aclose()
-            self._close_progress()
+            try:
+                await _cancel(window.unfinished())
+            finally:  # even when this task is cancelled again while it waits for them
+                self._close_progress()
+                await batches.aclose()
 
 
 async def _each(inputs: Iterable[Any]) -> AsyncIterator[Any]:
