@@ -10,6 +10,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, List, Optional, Set,
 
 import openai
 import pytest
+from test_mapping import expected_text, prompts_sent  # what the fake answers, and the prompts per request
 
 from throttled_openai import (
     AsyncThrottledClient,
@@ -43,14 +44,6 @@ def server(make_server: MakeServer) -> FakeOpenAI:
 def client_for(server: FakeOpenAI, **kwargs: Any) -> AsyncThrottledClient:
     kwargs.setdefault("retry", FAST)
     return AsyncThrottledClient(base_url=server.base_url, api_key="sk-amap", **kwargs)
-
-
-def prompts_sent(server: FakeOpenAI) -> List[int]:
-    return [len(entry["body"]["prompt"]) for entry in server.requests_log if entry["path"].endswith("/completions")]
-
-
-def expected_text(prompt: str, sample: int = 0) -> str:
-    return f" echo:{prompt[:40]}#{sample}"
 
 
 def others() -> Set[asyncio.Task[Any]]:
