@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import socket
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator, List
 
@@ -64,3 +66,29 @@ def make_server() -> Iterator[Callable[..., Any]]:
     yield make
     for server in servers:
         server.stop()
+
+
+class BlackHole:
+    """A TCP server on 127.0.0.1 that accepts every connection and never answers (a black-holed proxy)."""
+
+    def __init__(self) -> None:
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._server.getsockname()[1]}"
+        self.held: List[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self._server.accept()
+            except OSError:
+                return
+            self.held.append(connection)
+
+    def __enter__(self) -> BlackHole:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.close()
+        for connection in self.held:
+            connection.close()

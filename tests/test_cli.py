@@ -16,6 +16,7 @@ from typing import Any, Dict, Iterator, List, Tuple
 
 import openai
 import pytest
+from conftest import BlackHole
 
 from throttled_openai import cli
 from throttled_openai.client import ThrottledClient
@@ -481,6 +482,46 @@ def test_a_server_that_drops_every_connection_stops_the_job(
     out = records(tmp_path / "results.jsonl")
     assert 20 <= len(out) <= 20 + 2 * 32 and {r["error"]["type"] for r in out} == {"connection"}
     assert sent <= 3 * (20 + 2 * 32)  # three attempts a line: the rest was never sent
+
+
+@pytest.mark.parametrize("limits", [[], ["--rpm", "600", "--tpm", "100000"]], ids=["limits_unknown", "limits_given"])
+def test_a_base_url_that_never_answers_stops_the_job(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], limits: List[str]
+) -> None:
+    """A black-holed proxy accepts connections and never answers. Each attempt used to wait the SDK's
+    600 s and each line made 7 of them (limits unknown: one at a time) before the job counted one
+    failure; now every attempt that times out counts, and the job stops after 5 timeouts of 0.3 s.
+    The client's own retry policy (7 attempts, backoff up to 16 s): the stop must not wait for it."""
+    write_lines(tmp_path / "requests.jsonl", [chat(i) for i in range(100)])
+    args = [str(tmp_path / "requests.jsonl"), "-o", str(tmp_path / "results.jsonl"), "--no-progress"]
+    args += ["--api-key", KEY, "--max-workers", "4"]
+    with BlackHole() as hole:
+        started = time.monotonic()
+        code = cli.main([*args, "--base-url", hole.url + "/v1", "--timeout", "0.3", "--max-connection-failures", "5"])
+        elapsed = time.monotonic() - started
+        connections = len(hole.held)
+    assert code == 1 and elapsed < 15, elapsed
+    assert 1 <= connections <= 5 + 2 * 4  # it was reached, and little more was sent after the fifth timeout
+    err = capsys.readouterr().err
+    assert f"stopped after 5 attempts in a row got no answer from {hole.url} within --timeout 0.3 s" in err, err
+    assert "Check --base-url and the network (or give a longer --timeout), then rerun the same command" in err
+    out = records(tmp_path / "results.jsonl")  # a line fails only once its 7 attempts timed out: none did
+    assert out == [] and summary_counts(err) == (0, 0)
+    with FakeOpenAI() as server:  # the server is back: a rerun does every line
+        assert cli.main([*args, "--base-url", server.base_url]) == 0
+        assert server.stats()["requests"] == 100
+    out = records(tmp_path / "results.jsonl")
+    assert sorted(r["line"] for r in out) == list(range(1, 101)) and all("response" in r for r in out)
+
+
+def test_timeout_must_be_a_positive_number(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_lines(tmp_path / "requests.jsonl", [chat(0)])
+    for value in ("0", "-1", "nan", "inf"):
+        args = [str(tmp_path / "requests.jsonl"), "-o", str(tmp_path / "results.jsonl"), "--api-key", KEY]
+        with pytest.raises(SystemExit) as info:
+            cli.main([*args, "--base-url", f"http://127.0.0.1:{refused_port()}/v1", "--timeout", value])
+        assert info.value.code == 2
+        assert "--timeout must be a finite number of seconds > 0" in capsys.readouterr().err
 
 
 def test_a_batch_that_gets_no_answer_counts_once(

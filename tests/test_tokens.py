@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional
 
 import pytest
+from conftest import BlackHole
 
 from throttled_openai import tokens
 from throttled_openai.tokens import TokenCounter, endpoint_of, estimate_cost, usage_tokens
@@ -195,32 +196,6 @@ def cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
     yield directory
     # The test's servers are closed by now: let its downloads end before the next test starts.
     assert wait_for(lambda: not any(load.busy for load in fresh.values()))
-
-
-class BlackHole:
-    """A TCP server on 127.0.0.1 that accepts every connection and never answers (a black-holed proxy)."""
-
-    def __init__(self) -> None:
-        self._server = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self._server.getsockname()[1]}"
-        self.held: List[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                connection, _ = self._server.accept()
-            except OSError:
-                return
-            self.held.append(connection)
-
-    def __enter__(self) -> BlackHole:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.close()
-        for connection in self.held:
-            connection.close()
 
 
 class FileServer:

@@ -408,7 +408,9 @@ class BatchJob:
         self.fallback = fallback
         self.max_rounds = max_rounds
         self.max_workers = max_workers
-        self._counter: TokenCounter = getattr(client, "_counter", None) or TokenCounter()
+        # The client's token counter (encodings loaded once), from its bulk interface; a plain SDK client has none.
+        bulk = getattr(client, "_bulk_target", None)
+        self._counter: TokenCounter = bulk("chat", "*", "BatchJob").counter if bulk is not None else TokenCounter()
         self._state: Dict[str, Any] = {}
         self._chunks: List[Chunk] = []
         self._failures = 0  # Batch API calls failed in a row (after the client's retries)

@@ -23,9 +23,11 @@ How it stays correct when killed or edited:
   and CRC, then replaces the output, then the side files; a rerun adopts a ``.lines.next`` only if the
   output matches it.
 - An error every later request would get too (no quota left, a rejected key, no permission) stops the
-  job, and so do ``--max-connection-failures`` requests in a row that got no answer at all (connection
-  refused or dropped, timeouts, after their retries): nothing more is sent, the lines not sent stay
-  undone, and the exit code is 1. Ctrl-C stops at the next result (requests on the wire are abandoned;
+  job, and so does a server that does not answer: ``--max-connection-failures`` requests in a row that
+  got no answer at all after their retries (connection refused or dropped, timeouts), or as many
+  attempts in a row that got none within ``--timeout`` (a black-holed address or proxy, where every
+  attempt costs a whole timeout): nothing more is sent, the lines not sent stay undone, and the exit
+  code is 1. Ctrl-C stops at the next result (requests on the wire are abandoned;
   a second Ctrl-C stops at once), with exit code 130; a rerun continues either way.
 - Usage errors (exit code 2, one line on stderr) are found before anything is sent: a missing or
   unreadable input, an output that is a directory or in a directory that does not exist.
@@ -40,6 +42,7 @@ output, summary and exit codes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -54,7 +57,7 @@ from collections import Counter, deque
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any, BinaryIO, Callable, Deque, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, BinaryIO, Callable, Deque, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Type, Union
 
 import openai
 
@@ -62,7 +65,7 @@ from .batching import MAX_PROMPTS_PER_COMPLETION
 from .client import ThrottledClient
 from .context import current
 from .errors import Cancelled, MalformedResponse
-from .mapping import _about_one_input, _is_fatal, _Pool
+from .mapping import BulkTarget, _about_one_input, _is_fatal, _Pool
 from .retry import Retry
 from .tokens import estimate_cost, usage_tokens
 
@@ -77,6 +80,14 @@ _HOLD_LINES = 1000
 _DEFAULT_WORKERS = 32
 # Requests in a row that got no answer at all (connection refused or dropped, timeouts) before the job stops.
 _DEFAULT_CONNECTION_FAILURES = 20
+# Seconds an attempt waits for its answer (--timeout). A request that is not streamed is answered whole,
+# once generated: a few thousand tokens from a slower model take a minute or more, and an attempt given up
+# may be billed and is sent again, so not much less than 2 minutes. A server that never answers costs a
+# timeout per attempt: the job stops after about 2 minutes with limits known (the first attempts time out
+# together), 40 at worst (limits not known yet: one attempt at a time), where the SDK's 600 s took hours.
+_DEFAULT_TIMEOUT = 120.0
+# Seconds to connect, at most (the SDK's): an address that drops what is sent to it fails fast.
+_CONNECT_TIMEOUT = 5.0
 # Seconds the main thread waits at a time, so Ctrl-C is noticed promptly.
 _WAIT_SLICE = 0.25
 
@@ -673,16 +684,84 @@ class Writer:
             self.progress.update(1)
 
 
+# -- is anyone there? ----------------------------------------------------------------------------
+
+
+def _http_library() -> Any:
+    """The SDK's HTTP library (httpx; httpx2 for openai 3.x), whose ``TimeoutException`` it raises."""
+    for cls in openai.DefaultHttpxClient.__mro__:
+        root = cls.__module__.split(".")[0]
+        if root.startswith("httpx"):
+            return sys.modules[root]
+    import httpx  # an SDK whose default client is not a subclass of one
+
+    return httpx
+
+
+_TIMEOUTS: Tuple[Type[BaseException], ...] = (_http_library().TimeoutException,)
+
+
+class Silence:
+    """Counts the HTTP attempts in a row (every request the job's client sends, retries included, in
+    the order they end) that timed out with no answer; any answer, even an error status, resets the
+    count. A server that accepts connections and never answers (a black-holed proxy) costs a whole
+    timeout per attempt, so the job stops after ``limit`` of them (0: never) instead of waiting out
+    every request's retries. A connection refused or dropped is no timeout: it fails in milliseconds,
+    its request's retries ride out a short outage, and the job counts it by request (:func:`process`).
+    Thread-safe; :attr:`tripped` is set once ``limit`` is reached."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.count = 0
+        self.tripped = threading.Event()
+        self._lock = threading.Lock()
+
+    def answered(self) -> None:
+        with self._lock:
+            self.count = 0
+
+    def timed_out(self) -> None:
+        with self._lock:
+            self.count += 1
+            if self.limit and self.count >= self.limit:
+                self.tripped.set()
+
+
+class _WatchedHttpClient(openai.DefaultHttpxClient):  # type: ignore[misc, valid-type]
+    """The job's HTTP client: the SDK's default, telling :class:`Silence` how each attempt ended (the
+    SDK sends each through ``send``; the throttled client's retries are attempts of their own). Closed
+    with the client, or when dropped, as the SDK's own is."""
+
+    def __init__(self, silence: Silence, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._silence = silence
+
+    def send(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            response = super().send(*args, **kwargs)
+        except _TIMEOUTS:
+            self._silence.timed_out()
+            raise
+        self._silence.answered()
+        return response
+
+    def __del__(self) -> None:
+        if not self.is_closed:
+            with contextlib.suppress(Exception):  # at interpreter exit: nothing left to tell
+                self.close()
+
+
 # -- the job ------------------------------------------------------------------------------------
 
 
 @dataclass
 class Stop:
     """Why the job stopped before the end: ``"fatal"`` (an error every request would get: no quota, a
-    rejected key, no permission) or ``"unanswered"`` (``count`` requests in a row got no answer at all)."""
+    rejected key, no permission), ``"unanswered"`` (``count`` requests in a row got no answer at all) or
+    ``"silent"`` (``count`` attempts in a row timed out, see :class:`Silence`)."""
 
     reason: str
-    result: Result  # the line that stopped it
+    result: Optional[Result]  # the line that stopped it; None for "silent" (an attempt, not a line)
     count: int = 1
 
 
@@ -721,12 +800,14 @@ def process(
     workers: int,
     max_unanswered: int = _DEFAULT_CONNECTION_FAILURES,
     interrupt: Optional[threading.Event] = None,
+    silence: Optional[Silence] = None,
 ) -> Optional[Stop]:
     """Send every task on ``workers`` threads, batching compatible completions lines; results go to
     ``writer`` from this thread only. Returns why the job stopped early, if it did: a fatal result (no
-    quota, a rejected key, no permission), or ``max_unanswered`` requests in a row (0: no limit) that got
+    quota, a rejected key, no permission), ``max_unanswered`` requests in a row (0: no limit) that got
     no answer from the server after their retries (refused or dropped connections, timeouts; a request
-    the server answered, even with an error, resets the count). Then nothing more is sent and the lines
+    the server answered, even with an error, resets the count), or ``silence`` tripped (attempts in a
+    row that timed out). Then nothing more is sent, retries waiting their turn give up, and the lines
     not sent stay undone.
     Ctrl-C (``KeyboardInterrupt``, or ``interrupt`` set) stops at once: finished results are written, the
     requests still on the wire are abandoned to their daemon threads, and ``KeyboardInterrupt`` is
@@ -736,12 +817,16 @@ def process(
     inflight: Set[Future[List[Any]]] = set()
     groups: Dict[str, List[Task]] = {}  # batches being filled, oldest first
     costs: Dict[str, int] = {}
+    targets: Dict[str, BulkTarget] = {}  # by model
     stopped: List[Stop] = []
     unanswered = [0]  # requests in a row, in the order they finished, that got no answer
 
     def check_interrupt() -> None:
         if interrupt is not None and interrupt.is_set():
             raise KeyboardInterrupt
+        if silence is not None and silence.tripped.is_set() and not stopped:
+            stopped.append(Stop("silent", None, silence.count))
+            stop.set()
 
     def work(job: Tuple[Callable[[ThrottledClient, Any], List[Result]], Any]) -> List[Result]:
         send, what = job
@@ -804,8 +889,12 @@ def process(
         if key is None:
             submit(send_one, item)
             return
-        cost = estimate_cost("completions", item.request, client._counter)
-        burst = client.limiter.token_burst((client._account, client._limit_model(item.request)))
+        model = item.request["model"]  # a non-empty str: read_tasks sees to it
+        target = targets.get(model)
+        if target is None:  # the client's bulk interface: its counter, and where the model's requests wait
+            target = targets[model] = client._bulk_target("completions", model, "throttled-openai run")
+        cost = estimate_cost("completions", item.request, target.counter)
+        burst = target.limiter.token_burst(target.key)
         if key in groups and burst is not None and costs[key] + cost > burst:
             flush(key)
         groups.setdefault(key, []).append(item)
@@ -866,6 +955,7 @@ class Options:
     api_key: Optional[str] = None
     base_url: Optional[str] = None
     max_connection_failures: int = _DEFAULT_CONNECTION_FAILURES
+    timeout: float = _DEFAULT_TIMEOUT
     batch_api: bool = False  # the Batch API route (batch_run.py); the options below are its own
     queue_tokens: Optional[int] = None
     fallback: str = "batch"
@@ -886,6 +976,7 @@ class Prepared:
     resumed: bool
     started: float
     earlier: int  # lines a result from an earlier run stands for
+    silence: Silence  # the client's attempts that timed out in a row
 
     def skip(self, line: int) -> bool:
         """The line has a result that stands: it is not sent."""
@@ -925,7 +1016,15 @@ def prepare(options: Options) -> Union[Prepared, int]:
     if scan.changed:
         output.untidy = True  # their old records go when compaction keeps each line's last
     redo = {line for line, error in state.items() if error is not None} if options.retry_failed else set()
-    client = ThrottledClient(api_key=options.api_key, base_url=options.base_url, rpm=options.rpm, tpm=options.tpm)
+    silence = Silence(options.max_connection_failures)
+    client = ThrottledClient(
+        api_key=options.api_key,
+        base_url=options.base_url,
+        rpm=options.rpm,
+        tpm=options.tpm,
+        timeout=openai.Timeout(options.timeout, connect=min(options.timeout, _CONNECT_TIMEOUT)),
+        http_client=_WatchedHttpClient(silence),
+    )
     try:
         output.open_files()
     except OSError as exc:
@@ -938,7 +1037,7 @@ def prepare(options: Options) -> Union[Prepared, int]:
         notes.extend(_scan_notes(options, scan, state))
         print("\n".join(notes), file=sys.stderr)
         return 0
-    return Prepared(output, state, scan, redo, client, resumed, started, len(state) - len(redo))
+    return Prepared(output, state, scan, redo, client, resumed, started, len(state) - len(redo), silence)
 
 
 def _run_sync(options: Options, job: Prepared) -> int:
@@ -952,7 +1051,13 @@ def _run_sync(options: Options, job: Prepared) -> int:
     with _CtrlC() as pressed:  # from here on, Ctrl-C never lands halfway through writing a result
         try:
             stopped = process(
-                client, items, writer, options.max_workers, options.max_connection_failures, interrupt=pressed
+                client,
+                items,
+                writer,
+                options.max_workers,
+                options.max_connection_failures,
+                interrupt=pressed,
+                silence=job.silence,
             )
         except KeyboardInterrupt:
             interrupted = True
@@ -964,7 +1069,7 @@ def _run_sync(options: Options, job: Prepared) -> int:
             output.compact()
         _summary(options, writer, client, job, interrupted)
         if stopped is not None:
-            print(_stop_notice(stopped, client), file=sys.stderr)
+            print(_stop_notice(stopped, client, options.timeout), file=sys.stderr)
             return 1
     if interrupted:
         return 130
@@ -1037,18 +1142,27 @@ def _summary(
     print("\n".join(lines), file=sys.stderr)
 
 
-def _stop_notice(stop: Stop, client: ThrottledClient) -> str:
+def _stop_notice(stop: Stop, client: ThrottledClient, timeout: float) -> str:
     """Why the job stopped early, and what to do (after the summary)."""
-    error = stop.result.error or {"type": "error", "message": ""}
     retry = " rerun with --retry-failed: the lines that got this error are retried and the rest is done."
+    url = client.base_url  # scheme, host and port: what a connection needs (never a password, path or query)
+    where = f"{url.scheme}://{url.netloc.decode('ascii', 'replace')}"
+    if stop.result is None:  # "silent": attempts, not lines
+        return (
+            f"throttled-openai run: stopped after {stop.count} attempts in a row got no answer from {where}"
+            f" within --timeout {timeout:g} s\n"
+            "  the server accepts connections but does not answer (a black-holed address or proxy), or takes"
+            " longer than --timeout, so the remaining lines were not sent.\n"
+            "  Check --base-url and the network (or give a longer --timeout), then rerun the same command: the"
+            " lines not sent are done (and with --retry-failed, any that failed)."
+        )
+    error = stop.result.error or {"type": "error", "message": ""}
     if stop.reason == "fatal":
         return (
             f"throttled-openai run: stopped at line {stop.result.line}: {error['message']}\n"
             f"  every further request would fail the same way ({error['type']}), so the remaining lines"
             f" were not sent.\n  Fix it, then{retry}"
         )
-    url = client.base_url  # scheme, host and port: what a connection needs (never a password, path or query)
-    where = f"{url.scheme}://{url.netloc.decode('ascii', 'replace')}"
     return (
         f"throttled-openai run: stopped after {stop.count} requests in a row got no answer from {where}"
         f" (the last, line {stop.result.line}: {error['message']})\n"
@@ -1076,9 +1190,12 @@ changed since that result was made are redone, and with --retry-failed the
 lines that failed are redone too.
 
 The job stops early, leaving the rest for a rerun, on an error every request
-would get (no quota left, a rejected key, no permission), and when
---max-connection-failures requests in a row (default {_DEFAULT_CONNECTION_FAILURES}) get no answer
-from the server at all.
+would get (no quota left, a rejected key, no permission), and when the server
+does not answer: --max-connection-failures requests in a row (default {_DEFAULT_CONNECTION_FAILURES})
+get no answer at all after their retries, or as many attempts in a row get
+none within --timeout (default {_DEFAULT_TIMEOUT:g} s). A server that accepts connections
+and never answers (a black-holed proxy) stops the job after about
+--max-connection-failures timeouts.
 
 With --batch-api the same job goes through OpenAI's Batch API: half the
 price, its own limit pool, results within 24 hours. Batches are submitted as
@@ -1116,8 +1233,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=_DEFAULT_CONNECTION_FAILURES,
         metavar="N",
-        help="stop after N requests in a row got no answer from the server, after their retries: connection"
-        f" refused or dropped, timeouts (default {_DEFAULT_CONNECTION_FAILURES}; 0: never stop)",
+        help="stop after N requests in a row got no answer from the server, after their retries (connection"
+        " refused or dropped, timeouts), or after N attempts in a row (retries included) got none within"
+        f" --timeout; any answer resets both counts (default {_DEFAULT_CONNECTION_FAILURES}; 0: never stop)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=_DEFAULT_TIMEOUT,
+        metavar="SECONDS",
+        help="seconds an attempt waits for the server before it is given up and retried: to connect"
+        f" ({_CONNECT_TIMEOUT:g} at most), then for each part of the answer (default {_DEFAULT_TIMEOUT:g}). A"
+        " request that is not streamed gets its answer whole, once generated: allow for the longest, as an"
+        " attempt given up may be billed all the same",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     batch = parser.add_argument_group(
@@ -1213,6 +1341,8 @@ def options_from(args: argparse.Namespace) -> Options:
         raise UsageError("--max-workers must be >= 1")
     if args.max_connection_failures < 0:
         raise UsageError("--max-connection-failures must be >= 0")
+    if not (args.timeout > 0 and math.isfinite(args.timeout)):
+        raise UsageError("--timeout must be a finite number of seconds > 0")
     batch_only = (args.cancel, args.queue_tokens, args.fallback != "batch", args.poll_interval, args.max_poll_interval)
     if any(value not in (None, False) for value in batch_only) and not args.batch_api:
         raise UsageError("--cancel, --queue-tokens, --fallback and the poll intervals go with --batch-api")
@@ -1244,6 +1374,7 @@ def options_from(args: argparse.Namespace) -> Options:
         api_key=api_key,
         base_url=args.base_url or os.environ.get("OPENAI_BASE_URL") or None,
         max_connection_failures=args.max_connection_failures,
+        timeout=args.timeout,
         batch_api=args.batch_api,
         queue_tokens=args.queue_tokens,
         fallback=args.fallback,
