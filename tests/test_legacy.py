@@ -364,21 +364,44 @@ def test_api_type_open_ai_only_azure_names_the_v1_way(server: FakeOpenAI) -> Non
         openai.api_type = kind
         assert openai.Completion.create(model=MODEL, prompt=kind).choices[0].text == f" echo:{kind}#0"
     sent = server.stats()["requests"]
-    azure = (
-        "use client.completions.create(model=<deployment>, ...) from openai>=1, with client = "
-        f"throttled_openai.ThrottledAzureClient(azure_endpoint=..., api_version=..., rpm=..., tpm=...) (see {GUIDE})"
-    )
+
+    def azure(call: str) -> str:  # the v1 call of the resource used, never another's
+        return (
+            f"use {call} from openai>=1, with client = throttled_openai.ThrottledAzureClient(azure_endpoint=..., "
+            f"api_version=..., rpm=..., tpm=...) (see {GUIDE})"
+        )
+
+    calls = [
+        (
+            lambda: openai.Completion.create(model=MODEL, prompt="x"),
+            "client.completions.create(model=<deployment>, ...)",
+        ),
+        (
+            lambda: openai.ChatCompletion.create(model="gpt-4o-mini", messages=[]),
+            "client.chat.completions.create(model=<deployment>, ...)",
+        ),
+        (lambda: openai.Embedding.create(model=MODEL, input="x"), "client.embeddings.create(model=<deployment>, ...)"),
+        (lambda: openai.Model.list(), "client.models.list()"),
+        (lambda: openai.Model.retrieve("gpt-4o-mini"), "client.models.retrieve(...)"),
+    ]
     for kind in ("azure", "azure_ad", "azuread"):
         openai.api_type = kind
-        with pytest.raises(openai.NotSupportedError) as caught:
-            openai.Completion.create(model=MODEL, prompt="x")
-        assert str(caught.value) == f"throttled_openai.legacy does not support api_type={kind!r}; {azure}"
+        for call, v1 in calls:
+            with pytest.raises(openai.NotSupportedError) as caught:
+                call()
+            assert str(caught.value) == f"throttled_openai.legacy does not support api_type={kind!r}; {azure(v1)}"
     openai.api_type = "open_ai"
-    with pytest.raises(openai.NotSupportedError, match=r"does not support api_type='azure'; "):
-        openai.ChatCompletion.create(model="gpt-4o-mini", messages=[], api_type="azure")  # per call
+    with pytest.raises(openai.NotSupportedError) as per_call:
+        openai.ChatCompletion.create(model="gpt-4o-mini", messages=[], api_type="azure")
+    assert str(per_call.value) == (
+        "throttled_openai.legacy does not support api_type='azure'; "
+        + azure("client.chat.completions.create(model=<deployment>, ...)")
+    )
     with pytest.raises(openai.NotSupportedError) as deployment:
         openai.Completion.create(deployment_id="my-gpt", prompt="x")
-    assert str(deployment.value) == f"throttled_openai.legacy does not support deployment_id (Azure); {azure}"
+    assert str(deployment.value) == "throttled_openai.legacy does not support deployment_id (Azure); " + azure(
+        "client.completions.create(model=<deployment>, ...)"
+    )
     assert not isinstance(deployment.value, openai.error.OpenAIError)  # v0 code catching those does not hide it
     openai.api_type = "bogus"
     with pytest.raises(openai.error.InvalidAPIType) as bad:
@@ -612,7 +635,8 @@ def test_acreate_is_not_supported_and_its_hint_works(server: FakeOpenAI) -> None
         assert str(caught.value) == (
             f"throttled_openai.legacy does not support {name}.acreate (async calls); use await "
             f"asyncio.to_thread({name}.create, ...), which waits its turn in the same limiter, or await "
-            f"client.{v1}(...) from openai>=1, with client = openai.AsyncOpenAI() (not throttled) (see {GUIDE})"
+            f"client.{v1}(...) from openai>=1, with client = throttled_openai.AsyncThrottledClient() (its own "
+            f"limiter, unless given limiter=) (see {GUIDE})"
         )
     for method in ("alist", "aretrieve", "adelete"):
         with pytest.raises(openai.NotSupportedError, match=rf"does not support Model\.{method} \(async calls\)"):

@@ -499,14 +499,26 @@ def _timeout(value: Any) -> Any:
     return value
 
 
-def _check_api_type(value: Any, params: Dict[str, Any]) -> None:
-    """OpenAI's API only: Azure's v0 types (or a ``deployment_id``) raise, naming the v1 way."""
+def _v1_call(path: str, method: str) -> str:
+    """The openai>=1 call that does what a v0 call to ``path`` did, for messages: the resource named, so
+    that a ChatCompletion user is not sent to ``completions``."""
+    if method == "post":
+        resource = next((r for r in (Completion, ChatCompletion, Embedding, Moderation) if r.path == path), None)
+        return f"client.{resource.v1}(model=<deployment>, ...)" if resource else f"client.post({path!r}, ...)"
+    if path == "/models":
+        return "client.models.list()"
+    return f"client.models.{'retrieve' if method == 'get' else 'delete'}(...)"
+
+
+def _check_api_type(value: Any, params: Dict[str, Any], call: str) -> None:
+    """OpenAI's API only: Azure's v0 types (or a ``deployment_id``) raise, naming the v1 way (``call``,
+    from :func:`_v1_call`)."""
     kind = str(value).lower()
     if kind in _AZURE_TYPES or "deployment_id" in params:
         what = f"api_type={value!r}" if kind in _AZURE_TYPES else "deployment_id (Azure)"
         raise _not_supported(
             what,
-            "client.completions.create(model=<deployment>, ...) from openai>=1, with client = "
+            f"{call} from openai>=1, with client = "
             "throttled_openai.ThrottledAzureClient(azure_endpoint=..., api_version=..., rpm=..., tpm=...)",
         )
     if kind not in _OPEN_AI_TYPES:
@@ -520,7 +532,7 @@ def request(path: str, params: Dict[str, Any], method: str = "post") -> OpenAIOb
     settings = {name: body.pop(name, None) for name in ("api_key", "api_base", "organization")}
     timeout = body.pop("request_timeout", None)
     headers = dict(body.pop("headers", None) or {})
-    _check_api_type(body.pop("api_type", None) or api_type or "open_ai", body)
+    _check_api_type(body.pop("api_type", None) or api_type or "open_ai", body, _v1_call(path, method))
     version = body.pop("api_version", None) or api_version
     if version is not None:
         headers.setdefault("OpenAI-Version", str(version))  # as v0 sent it; the call's own headers win
@@ -570,7 +582,8 @@ def _async_not_supported(what: str, sync: str, v1: str) -> NotSupportedError:
     return _not_supported(
         f"{what} (async calls)",
         f"await asyncio.to_thread({sync}, ...), which waits its turn in the same limiter, or await {v1}(...) "
-        "from openai>=1, with client = openai.AsyncOpenAI() (not throttled)",
+        "from openai>=1, with client = throttled_openai.AsyncThrottledClient() (its own limiter, unless given "
+        "limiter=)",
     )
 
 
