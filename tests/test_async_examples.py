@@ -123,11 +123,11 @@ def test_rejects_bad_input(fastapi_app: Callable[..., int], fake: FakeOpenAI, pa
     assert _requests_seen(fake) == before  # refused before anything was sent
 
 
-def test_request_above_the_whole_limit_is_a_413(fastapi_app: Callable[..., int], fake: FakeOpenAI) -> None:
+def test_request_above_the_whole_limit_is_a_400_as_in_the_other_examples(fastapi_app: Callable[..., int], fake: FakeOpenAI) -> None:
     port = fastapi_app(OPENAI_TPM=100)  # a chat books 256+ tokens: it can never fit
     before = _requests_seen(fake)
     status, headers, body = _http(port, "POST", "/chat", {"message": "hi"})
-    assert status == 413 and body["error"]["type"] == "request_too_large", body
+    assert status == 400 and body["error"]["type"] == "request_too_large", body
     assert "retry-after" not in headers  # waiting will not help
     assert _requests_seen(fake) == before
 

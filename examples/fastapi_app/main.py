@@ -190,7 +190,7 @@ async def stats(openai_client: Client) -> Any:
 
 async def error_answer(request: Request, error: Exception) -> JSONResponse:
     """The errors an endpoint raises, as JSON: 503 with ``Retry-After`` when there is no capacity within
-    ``max_wait`` or Redis is down (nothing was sent), 400 for a bad body, 413 for a request larger than
+    ``max_wait`` or Redis is down (nothing was sent), 400 for a bad body or a request larger than
     the whole limit, 502 when OpenAI refused otherwise or could not be reached."""
     if isinstance(error, RateLimitTimeout):  # capacity is further away than max_wait: come back later
         return error_response(503, "rate_limited", "the OpenAI rate limit is saturated", retry_after(error.retry_after))
@@ -205,7 +205,7 @@ async def error_answer(request: Request, error: Exception) -> JSONResponse:
     if isinstance(error, BadRequest):
         return error_response(400, "bad_request", str(error))
     if isinstance(error, RequestTooLarge):  # more tokens than the whole limit: no wait will make it fit
-        return error_response(413, "request_too_large", str(error))
+        return error_response(400, "request_too_large", str(error))
     if isinstance(error, openai.APIError):  # quota, a 400, 5xx after the retries, no connection
         # (A rate-limit 429 whose retry does not fit in max_wait raises RateLimitTimeout: a 503 above.)
         return error_response(502, "upstream_error", error.message, upstream_status=getattr(error, "status_code", None))
