@@ -44,7 +44,7 @@ try:
         server_for,
     )
 except ImportError:  # run as a script from benchmarks/
-    from bench_client import (  # type: ignore[no-redef]
+    from bench_client import (  # type: ignore[no-redef, import-not-found]
         THREADS,
         WARMUP_SECONDS,
         Scenario,
@@ -171,7 +171,7 @@ async def _run_async(started: _Starter, kind: str, base_url: str, scenario: Scen
     import openai
 
     if kind == "async":
-        from throttled_openai import AsyncThrottledClient  # type: ignore[attr-defined]
+        from throttled_openai import AsyncThrottledClient
 
         client: Any = AsyncThrottledClient(base_url=base_url, api_key="sk-bench", rpm=scenario.rpm, tpm=scenario.tpm)
     else:
