@@ -250,8 +250,8 @@ def bulk_aimap(
 
 
 class _AsyncBulkMixin:
-    """``amap_*`` and ``aimap_*`` for an asyncio client, which provides ``_bulk_target`` (its limiter,
-    counter, stats and the async resource's ``create`` for a model and endpoint)."""
+    """amap_* and aimap_* for an asyncio client, which provides _bulk_target (its limiter, counter,
+    stats and the async resource's create for a model and endpoint)."""
 
     if TYPE_CHECKING:
 
@@ -314,7 +314,7 @@ class _AsyncBulkMixin:
         A failure (without return_exceptions) or run_timeout drains the requests on their way; the
         BulkError or BulkTimeout carries, in results, every result obtained and not yet yielded.
         Leaving early (break, aclose(), a cancelled task) cancels the requests in flight; use
-        ``async with contextlib.aclosing(...)`` (3.10+) to have that happen at once, not when the
+        async with contextlib.aclosing(...) (3.10+) to have that happen at once, not when the
         generator is collected."""
         target = self._bulk_target("completions", model, "aimap_completions")
         return bulk_aimap(
