@@ -123,7 +123,9 @@ def test_rejects_bad_input(fastapi_app: Callable[..., int], fake: FakeOpenAI, pa
     assert _requests_seen(fake) == before  # refused before anything was sent
 
 
-def test_request_above_the_whole_limit_is_a_400_as_in_the_other_examples(fastapi_app: Callable[..., int], fake: FakeOpenAI) -> None:
+def test_request_above_the_whole_limit_is_a_400_as_in_the_other_examples(
+    fastapi_app: Callable[..., int], fake: FakeOpenAI
+) -> None:
     port = fastapi_app(OPENAI_TPM=100)  # a chat books 256+ tokens: it can never fit
     before = _requests_seen(fake)
     status, headers, body = _http(port, "POST", "/chat", {"message": "hi"})

@@ -234,6 +234,7 @@ class _KeyState:
         "full_at",
         "head",
         "in_flight",
+        "judged",
         "learned",
         "line",
         "message_limits",
@@ -266,6 +267,7 @@ class _KeyState:
         # so that 64 threads starting at once don't all hit an unknown limit.
         self.learned = limits.rpm is not None or limits.tpm is not None
         self.probe: Optional[Reservation] = None
+        self.judged: Tuple[Optional[float], ...] = ()  # the token limits the line was last checked against
         self.answered = False  # the server has answered a request of this key (and so shown its limits)
         self.paused_until = -math.inf
         self.shrunk_at = -math.inf
@@ -826,7 +828,12 @@ class RateLimiter:
     @staticmethod
     def _reject_too_large(key: LimitKey, state: _KeyState) -> None:
         """Take out of the line, with :class:`RequestTooLarge`, every caller a known limit can never hold
-        (the head checks itself when woken)."""
+        (the head checks itself when woken). Only when a token limit changed since the last look: every
+        response comes here, and the line may hold hundreds of tasks."""
+        limits = tuple(bucket.limit for bucket in state.buckets("tokens"))
+        if limits == state.judged:
+            return
+        state.judged = limits
         for ticket in [t for t in state.line if state.too_large(key[1], t.tokens) is not None]:
             state.line.remove(ticket)
             ticket.too_large = state.too_large(key[1], ticket.tokens)
