@@ -217,6 +217,22 @@ def test_the_first_failure_raises_bulk_error_with_everything_obtained(make_serve
     run(body)
 
 
+def test_after_the_first_failure_nothing_more_is_sent(make_server: MakeServer) -> None:
+    # 20 requests may wait in the limiter when input 3 fails: they give up instead of going out one by one.
+    server = make_server(rpm=240, tpm=10_000_000, bucket_seconds=1.0, context_length=50)
+    prompts = [f"fine {i}" for i in range(3)] + ["word " * 100] + [f"fine {i}" for i in range(36)]
+
+    async def body() -> None:
+        async with client_for(server, rpm=240, tpm=10_000_000) as client:
+            with pytest.raises(BulkError) as info:
+                await client.amap_completions(prompts, model=MODEL, max_tokens=3, batch_size=1, max_concurrency=20)
+            assert list(info.value.errors) == [3]
+            await settled(client)
+
+    run(body)
+    assert server.stats()["requests"] <= 10  # the first few, and those already on their way
+
+
 def test_a_missing_answer_is_asked_again_then_fails_alone(server: FakeOpenAI) -> None:
     async def body() -> None:
         async with client_for(server, tpm=10_000_000) as client:

@@ -4,6 +4,7 @@ a thread per caller, and left at once (giving back what was held) by a task that
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
 from typing import Any, Callable, List, Optional, Tuple
@@ -245,3 +246,49 @@ def test_the_async_faces_of_the_bookkeeping_agree_with_the_sync_ones() -> None:
     sync_level = sync_limiter.snapshot()[KEY[1]]["tokens_level"]
     async_level = async_limiter.snapshot()[KEY[1]]["tokens_level"]
     assert async_level == pytest.approx(sync_level, abs=50)  # the same, up to the refill between the two
+
+
+def test_a_task_skipped_because_its_loop_closed_never_passes_the_head_again() -> None:
+    limiter = RateLimiter(rpm=60, headroom=0.0, initial_burst=0.5)  # 1 per second, a burst of 1
+    limiter.acquire(KEY, 0)
+    state = limiter._keys[KEY]
+    order: List[str] = []
+
+    def call(name: str) -> None:
+        limiter.acquire(KEY, 0, timeout=20)
+        order.append(name)
+
+    first = threading.Thread(target=call, args=("first",))
+    first.start()  # the head, for a second
+    wait_until(lambda: waiting(limiter) == 1)
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(limiter.aacquire(KEY, 0))  # in line behind it, then its loop is closed
+    loop.run_until_complete(asyncio.sleep(0.05))
+    loop.close()
+    second = threading.Thread(target=call, args=("second",))
+    second.start()
+    wait_until(lambda: waiting(limiter) == 3)
+    first.join(20)  # the turn skips the task of the closed loop: `second` is the head now, for a second
+    del task, loop
+    gc.collect()  # the task's clean-up runs now: it never held the head and must not pass it on
+    assert state.head
+    third = threading.Thread(target=call, args=("third",))
+    third.start()
+    wait_until(lambda: len(state.line) == 1 or bool(order[1:]), timeout=10)  # in line behind `second`
+    second.join(20)
+    third.join(20)
+    assert order == ["first", "second", "third"]
+    assert waiting(limiter) == 0
+
+
+def test_a_head_task_whose_loop_was_closed_under_it_gives_way() -> None:
+    limiter = RateLimiter(rpm=60, headroom=0.0, initial_burst=0.5)  # 1 per second, a burst of 1
+    limiter.acquire(KEY, 0)
+    loop = asyncio.new_event_loop()
+    head = loop.create_task(limiter.aacquire(KEY, 0))  # the head, waiting for the refill; then its loop closes
+    loop.run_until_complete(asyncio.sleep(0.05))
+    loop.close()
+    started = time.monotonic()
+    limiter.acquire(KEY, 0, timeout=10)  # goes when capacity is back, not never
+    assert time.monotonic() - started < 5
+    assert waiting(limiter) == 0 and not head.done()

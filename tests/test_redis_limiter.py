@@ -911,3 +911,28 @@ def test_the_async_client_is_made_from_a_given_sync_client(url: str) -> None:
 
     asyncio.run(main())
     assert given.hget(limiter.redis_key(KEY), "rbooked") is not None  # the same hash as sync callers use
+
+
+def test_a_loop_that_ended_leaves_no_redis_client_behind(url: str) -> None:
+    limiter = make(url, rpm=60_000)
+
+    async def one_call() -> None:
+        await limiter.aacquire(KEY, 0)
+
+    for _ in range(5):  # asyncio.run per request, say, as Django's async views under WSGI do
+        asyncio.run(one_call())
+    assert len(limiter._loop_scripts) <= 1  # the last loop's, until the next one starts
+
+
+def test_the_async_twin_of_a_tls_client_takes_only_what_its_connection_takes() -> None:
+    from throttled_openai.redis_limiter import _async_twin
+
+    given = redis.Redis(host="127.0.0.1", port=1, ssl=True, ssl_cert_reqs="none")
+
+    async def twin() -> Any:
+        return _async_twin(given, None, 0.5)  # no TypeError for the sync connection's own settings
+
+    made = asyncio.run(twin())
+    kwargs = made.connection_pool.connection_kwargs
+    assert kwargs["host"] == "127.0.0.1" and kwargs["port"] == 1 and kwargs["ssl_cert_reqs"] == "none"
+    assert made.connection_pool.connection_class.__name__ == "SSLConnection"

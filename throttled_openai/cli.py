@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import importlib
 import json
 import math
 import os
@@ -693,9 +694,7 @@ def _http_library() -> Any:
         root = cls.__module__.split(".")[0]
         if root.startswith("httpx"):
             return sys.modules[root]
-    import httpx  # an SDK whose default client is not a subclass of one
-
-    return httpx
+    return importlib.import_module("httpx")  # an SDK whose default client is not a subclass of one
 
 
 _TIMEOUTS: Tuple[Type[BaseException], ...] = (_http_library().TimeoutException,)

@@ -419,8 +419,8 @@ class _Send(Step):
 
 
 class _Acquire(Step):
-    """Wait for the limiter's capacity: a reservation, or its error. A bulk run's cancel event stops a
-    thread's wait; a task's is stopped by cancelling the task."""
+    """Wait for the limiter's capacity: a reservation, or its error. A bulk run's cancel event stops the
+    wait (a thread's or a task's: the run stops sending after its first failure)."""
 
     __slots__ = ("cancel", "key", "limiter", "timeout", "tokens")
 
@@ -438,7 +438,7 @@ class _Acquire(Step):
         return self.limiter.acquire(self.key, self.tokens, timeout=self.timeout, cancel=self.cancel)
 
     async def wait(self) -> Reservation:
-        return await self.limiter.aacquire(self.key, self.tokens, timeout=self.timeout)
+        return await self.limiter.aacquire(self.key, self.tokens, timeout=self.timeout, cancel=self.cancel)
 
 
 class _Limiter(Step):
@@ -458,8 +458,8 @@ class _Limiter(Step):
 
 
 class _Sleep(Step):
-    """Back off before a retry. The outcome is True when a bulk run's cancel event cut it short (a task
-    is stopped by cancelling it instead; the event is still looked at when the sleep ends)."""
+    """Back off before a retry. The outcome is True when a bulk run's cancel event cut it short (looked
+    at every quarter second by a task)."""
 
     __slots__ = ("cancel", "seconds")
 
@@ -473,8 +473,13 @@ class _Sleep(Step):
         return self.cancel.wait(self.seconds)
 
     async def wait(self) -> bool:
-        await asyncio.sleep(self.seconds)
-        return self.cancel is not None and self.cancel.is_set()
+        if self.cancel is None:
+            await asyncio.sleep(self.seconds)
+            return False
+        end = time.monotonic() + self.seconds
+        while not self.cancel.is_set() and time.monotonic() < end:
+            await asyncio.sleep(min(0.25, end - time.monotonic()))
+        return self.cancel.is_set()
 
 
 class _ThrottledCore:
@@ -711,11 +716,14 @@ class _ThrottledCore:
                 except BaseException as error:
                     # Stopped on its way (Ctrl-C, a cancelled task) or an error the policy does not judge:
                     # what never left is given back, what may have reached the server stays charged.
-                    if not isinstance(error, GeneratorExit):
-                        if attempt.sent:
-                            yield _Limiter(limiter, "settle", reservation, None)
-                        else:
-                            yield _Limiter(limiter, "cancel", reservation)
+                    if attempt.sent:
+                        ending = _Limiter(limiter, "settle", reservation, None)
+                    else:
+                        ending = _Limiter(limiter, "cancel", reservation)
+                    if isinstance(error, GeneratorExit):  # closed between two steps: end it without one
+                        ending.block()
+                    else:
+                        yield ending
                     raise
                 # 3b. Done: charge the real usage instead of the estimate (a stream, when it ends).
                 if not streaming:

@@ -403,11 +403,21 @@ class RateLimiter:
         """
         return drive(self._acquiring(key, tokens, timeout, cancel, ThreadWaiter()))
 
-    async def aacquire(self, key: LimitKey, tokens: int, *, timeout: Optional[float] = None) -> Reservation:
+    async def aacquire(
+        self,
+        key: LimitKey,
+        tokens: int,
+        *,
+        timeout: Optional[float] = None,
+        cancel: Optional[threading.Event] = None,
+    ) -> Reservation:
         """:meth:`acquire` for a coroutine: the same line (threads and tasks of any loop share it),
         waited in without blocking the event loop. Cancelling the task (``task.cancel()``,
-        ``asyncio.wait_for``) leaves the line at once and takes nothing; the next caller goes."""
-        return await adrive(self._acquiring(key, tokens, timeout, None, TaskWaiter()))
+        ``asyncio.wait_for``) leaves the line at once and takes nothing; the next caller goes. ``cancel``
+        as for :meth:`acquire` (an event another thread or task may set, looked at every quarter second).
+        A task must not be left waiting when its event loop closes: ``asyncio.run`` cancels it first; a
+        loop closed under it is noticed when the line moves, and its place passes on."""
+        return await adrive(self._acquiring(key, tokens, timeout, cancel, TaskWaiter()))
 
     def _acquiring(
         self, key: LimitKey, tokens: int, timeout: Optional[float], cancel: Optional[threading.Event], waiter: Waiter
@@ -426,6 +436,8 @@ class RateLimiter:
             too_large = state.too_large(key[1], charge)
             if too_large is not None:
                 raise too_large
+            if state.waiter is not None and state.waiter.dead():  # a head whose event loop was closed
+                self._depose(state, state.waiter)
             if state.head or state.line:
                 soonest = self._projected_turn(key, state, start)
                 if soonest > deadline:
@@ -454,7 +466,8 @@ class RateLimiter:
                 reservation = yield from self._taking(key, state, charge, deadline, timeout, cancel, waiter)
             finally:
                 with self._lock:
-                    state.tokens.hold = 0.0
+                    if not waiter.deposed:
+                        state.tokens.hold = 0.0
                     if state.waiter is waiter:
                         state.waiter = None
             with self._lock:
@@ -470,6 +483,8 @@ class RateLimiter:
                     state.line.remove(ticket)  # never became head
                 elif ticket is not None and ticket.too_large is not None:
                     pass  # taken out of the line as too large: never became head
+                elif waiter.deposed:
+                    pass  # given up on (its loop was closed): its turn went on already
                 else:
                     self._pass_head(state)
 
@@ -478,9 +493,17 @@ class RateLimiter:
         """Give the head role to the next caller in line that can still wake (``head`` stays True), or
         free it. A task whose event loop was closed meanwhile can never take its turn: it is skipped."""
         while state.line:
-            if state.line.popleft().turn.set():
+            turn = state.line.popleft().turn
+            if turn.set():
                 return
+            turn.deposed = True
         state.head = False
+
+    def _depose(self, state: _KeyState, waiter: Waiter) -> None:
+        """Give up on the head ``waiter``, whose event loop was closed under it: pass the head on."""
+        waiter.deposed = True
+        state.waiter = None
+        self._pass_head(state)
 
     def _projected_turn(self, key: LimitKey, state: _KeyState, now: float) -> float:
         """When a caller joining the line now could go, if every caller ahead takes one request: a
@@ -611,12 +634,11 @@ class RateLimiter:
                 else:
                     bucket.give_back(-extra)
 
-    @staticmethod
-    def _wake(state: _KeyState) -> None:
+    def _wake(self, state: _KeyState) -> None:
         """Tell the head of ``state``'s line that something changed (a refund, an answer, a pause): it
         counts again. Called under the lock, from any thread."""
-        if state.waiter is not None:
-            state.waiter.set()
+        if state.waiter is not None and not state.waiter.set():
+            self._depose(state, state.waiter)
 
     # -- ending a reservation --------------------------------------------------------------------
 

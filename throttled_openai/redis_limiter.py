@@ -466,13 +466,16 @@ class RedisRateLimiter(RateLimiter):
     def _scripts_of_loop(self) -> Dict[str, Any]:
         """The scripts registered on this event loop's own async client (made on first use)."""
         loop = asyncio.get_running_loop()
-        with self._lock:
-            entry = self._loop_scripts.get(loop)
-            if entry is None:
-                client = _async_twin(self._redis, self._url, self._timeout)
-                scripts = {name: client.register_script(_PRELUDE + body) for name, body in _SCRIPTS.items()}
-                entry = self._loop_scripts[loop] = (client, scripts)
-            return entry[1]
+        entry = self._loop_scripts.get(loop)
+        if entry is None:
+            client = _async_twin(self._redis, self._url, self._timeout)
+            scripts = {name: client.register_script(_PRELUDE + body) for name, body in _SCRIPTS.items()}
+            with self._lock:
+                # A loop that ended keeps its client (its connections hold the loop): let both go.
+                for ended in [other for other in self._loop_scripts if other.is_closed()]:
+                    del self._loop_scripts[ended]
+                entry = self._loop_scripts.setdefault(loop, (client, scripts))
+        return entry[1]
 
     async def aclose(self) -> None:
         """Close the async Redis client of the running event loop, if one was made (call it before the
@@ -610,6 +613,7 @@ class RedisRateLimiter(RateLimiter):
                 if probing:  # wait for the probe's answer
                     yield Wait(waiter, min(deadline - now, nap), self._sleep)
                     continue
+                in_line = True  # perhaps, from now on: if this call is interrupted, its answer is not known
                 try:
                     patience = min(deadline - now, 1e12)
                     reply = yield from self._run("acquire", key, tokens, caller, patience, self._lease, paused)
@@ -618,6 +622,7 @@ class RedisRateLimiter(RateLimiter):
                     if self._on_error == "raise":
                         raise self._unavailable(error) from error
                     continue
+                in_line = reply[0] == "wait" and reply[4] == "1"
                 if reply[0] == "too_large":
                     raise RequestTooLarge(key[1], tokens, float(reply[1]))
                 now = self._clock()
@@ -626,7 +631,7 @@ class RedisRateLimiter(RateLimiter):
                         state.learned = True
                     if reply[0] == "ok":  # (taking also took it out of the line)
                         return self._took(key, state, tokens, reply, now)
-                wait, rate, refunds, in_line = float(reply[1]), float(reply[2]), reply[3] == "1", reply[4] == "1"
+                wait, rate, refunds = float(reply[1]), float(reply[2]), reply[3] == "1"
                 self._ready[key] = now + wait
                 self._rates[key] = rate
                 if now + wait > deadline:
@@ -635,6 +640,8 @@ class RedisRateLimiter(RateLimiter):
                 # waiting for requests or a pause, only someone ahead giving up can, so ask less often.
                 again = self._poll if refunds else self._patrol
                 yield Wait(waiter, min(wait, again, nap), self._sleep)
+        except GeneratorExit:  # closed between two steps: no more steps; its place lapses with its lease
+            raise
         except BaseException:
             if in_line:  # leave the line now: those behind would wait for this caller until its lease lapsed
                 yield from self._try("leave", key, caller)
@@ -1001,13 +1008,28 @@ def _async_twin(client: Any, url: Optional[str], timeout: float) -> Any:
     running event loop: from the URL, or from the connection settings of ``client``'s pool."""
     library = type(client).__module__.split(".")[0]  # redis or valkey
     aio = importlib.import_module(f"{library}.asyncio")
+    redis_class = getattr(aio, "Valkey", None) or aio.Redis
     if url is not None:
-        return aio.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        return redis_class.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
     pool = client.connection_pool
     connection_class = getattr(importlib.import_module(f"{library}.asyncio.connection"), pool.connection_class.__name__)
-    # Settings that are objects of the sync library (its retry policy, its connect hook) stay behind.
-    settings = {k: v for k, v in pool.connection_kwargs.items() if k not in ("retry", "redis_connect_func")}
-    return aio.Redis(connection_pool=aio.ConnectionPool(connection_class=connection_class, **settings))
+    # The settings the async connection takes (the sync one has more: OCSP checks, say); objects of the
+    # sync library (its retry policy, its connect hook) stay behind.
+    accepted = _parameters(connection_class)
+    settings = {
+        k: v for k, v in pool.connection_kwargs.items() if k not in ("retry", "redis_connect_func") and k in accepted
+    }
+    return redis_class(connection_pool=aio.ConnectionPool(connection_class=connection_class, **settings))
+
+
+def _parameters(cls: type) -> Set[str]:
+    """The named arguments of ``__init__`` along ``cls``'s bases (each passes the rest on to the next)."""
+    names: Set[str] = set()
+    for klass in cls.__mro__[:-1]:  # (not object)
+        init = klass.__dict__.get("__init__")
+        if init is not None:
+            names.update(inspect.signature(init).parameters)
+    return names
 
 
 def _error_types(*names: str, builtin: Type[BaseException]) -> Tuple[Type[BaseException], ...]:

@@ -43,9 +43,14 @@ Steps = Generator[Step, Any, _T]
 
 class Waiter:
     """How one caller is told that its turn came, or that the state it waits on changed. ``set`` may be
-    called from any thread (always under the limiter's lock); ``clear`` only by the caller itself."""
+    called from any thread (always under the limiter's lock); ``clear`` only by the caller itself.
+    ``deposed``: the limiter gave up on this caller (its event loop was closed while it waited): its turn
+    went to the next one, and its own clean-up, whenever it runs, must not pass it on again."""
 
-    __slots__ = ()
+    __slots__ = ("deposed",)
+
+    def __init__(self) -> None:
+        self.deposed = False
 
     def set(self) -> bool:
         """Wake the caller; ``False`` if it can never wake (its event loop is closed)."""
@@ -57,6 +62,10 @@ class Waiter:
     def is_set(self) -> bool:
         raise NotImplementedError
 
+    def dead(self) -> bool:
+        """Whether nothing can ever wake this caller again."""
+        return False
+
 
 class ThreadWaiter(Waiter):
     """A thread's waiter: an Event."""
@@ -64,6 +73,7 @@ class ThreadWaiter(Waiter):
     __slots__ = ("_event",)
 
     def __init__(self) -> None:
+        super().__init__()
         self._event = threading.Event()
 
     def set(self) -> bool:
@@ -91,6 +101,7 @@ class TaskWaiter(Waiter):
     __slots__ = ("_flag", "_future", "_loop", "_thread")
 
     def __init__(self) -> None:
+        super().__init__()
         self._loop = asyncio.get_running_loop()
         self._thread = threading.get_ident()
         self._future: asyncio.Future[None] = self._loop.create_future()
@@ -120,6 +131,9 @@ class TaskWaiter(Waiter):
 
     def is_set(self) -> bool:
         return self._flag
+
+    def dead(self) -> bool:
+        return self._loop.is_closed()
 
     async def wait(self, seconds: Optional[float]) -> bool:
         if not self._flag and seconds != 0:
@@ -174,25 +188,31 @@ def _resume(steps: Steps[Any], outcome: Any, error: Optional[BaseException]) -> 
 
 def drive(steps: Steps[_T]) -> _T:
     """Run a limiter operation on this thread, blocking in each of its steps."""
-    step = _resume(steps, None, None)
-    while not isinstance(step, _Done):
-        try:
-            outcome = step.block()
-        except BaseException as error:  # into the operation, to give back what it holds
-            step = _resume(steps, None, error)
-        else:
-            step = _resume(steps, outcome, None)
-    return step.value  # type: ignore[no-any-return]
+    try:
+        step = _resume(steps, None, None)
+        while not isinstance(step, _Done):
+            try:
+                outcome = step.block()
+            except BaseException as error:  # into the operation, to give back what it holds
+                step = _resume(steps, None, error)
+            else:
+                step = _resume(steps, outcome, None)
+        return step.value  # type: ignore[no-any-return]
+    finally:
+        steps.close()  # (interrupted between two steps: its clean-up runs now, not when collected)
 
 
 async def adrive(steps: Steps[_T]) -> _T:
     """Run a limiter operation in this task, awaiting each of its steps."""
-    step = _resume(steps, None, None)
-    while not isinstance(step, _Done):
-        try:
-            outcome = await step.wait()
-        except BaseException as error:  # CancelledError included: the operation cleans up, then re-raises
-            step = _resume(steps, None, error)
-        else:
-            step = _resume(steps, outcome, None)
-    return step.value  # type: ignore[no-any-return]
+    try:
+        step = _resume(steps, None, None)
+        while not isinstance(step, _Done):
+            try:
+                outcome = await step.wait()
+            except BaseException as error:  # CancelledError included: the operation cleans up, re-raises
+                step = _resume(steps, None, error)
+            else:
+                step = _resume(steps, outcome, None)
+        return step.value  # type: ignore[no-any-return]
+    finally:
+        steps.close()
