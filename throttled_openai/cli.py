@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import importlib
 import json
 import math
 import os
@@ -63,7 +62,7 @@ from typing import Any, BinaryIO, Callable, Deque, Dict, Iterator, List, Optiona
 import openai
 
 from .batching import MAX_PROMPTS_PER_COMPLETION
-from .client import ThrottledClient
+from .client import ThrottledClient, _http_library
 from .context import current
 from .errors import Cancelled, MalformedResponse
 from .mapping import BulkTarget, _about_one_input, _is_fatal, _Pool
@@ -686,15 +685,6 @@ class Writer:
 
 
 # -- is anyone there? ----------------------------------------------------------------------------
-
-
-def _http_library() -> Any:
-    """The SDK's HTTP library (httpx; httpx2 for openai 3.x), whose ``TimeoutException`` it raises."""
-    for cls in openai.DefaultHttpxClient.__mro__:
-        root = cls.__module__.split(".")[0]
-        if root.startswith("httpx"):
-            return sys.modules[root]
-    return importlib.import_module("httpx")  # an SDK whose default client is not a subclass of one
 
 
 _TIMEOUTS: Tuple[Type[BaseException], ...] = (_http_library().TimeoutException,)

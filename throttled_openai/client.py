@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import dataclasses
 import hashlib
+import importlib
 import json
 import logging
 import math
@@ -347,6 +348,16 @@ def _usage_in_tail(tail: bytes) -> Optional[int]:
     except ValueError:
         return None
     return usage_tokens(usage)
+
+
+def _http_library() -> Any:
+    """The HTTP library of the SDK's own client: httpx, or httpx2 for openai 3.x (which has no httpx),
+    whose exceptions (TimeoutException, ...) and transports the SDK uses."""
+    for cls in openai.DefaultHttpxClient.__mro__:
+        root = cls.__module__.split(".")[0]
+        if root.startswith("httpx"):
+            return sys.modules[root]
+    return importlib.import_module("httpx")  # an SDK whose default client is not a subclass of one
 
 
 class _OwnedHttpClient(openai.DefaultHttpxClient):  # type: ignore[misc, valid-type]

@@ -38,7 +38,6 @@ use instead: ``acreate`` and the other async methods, the other v0 resources (``
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import os
 import random
 import sys
@@ -50,7 +49,7 @@ from typing import Any, Callable, ClassVar, Dict, NoReturn, Optional, Tuple
 
 import openai as _v1
 
-from .client import ThrottledClient, _OwnedHttpClient
+from .client import ThrottledClient, _http_library, _OwnedHttpClient
 from .errors import RateLimitTimeout, RequestTooLarge
 from .retry import Decision, Retry
 
@@ -340,15 +339,6 @@ _PROXY_ERROR = (
     "'openai.proxy' must be specified as either a string URL or a dict with string URL under the https and/or "
     "http keys."
 )
-
-
-def _http_library() -> Any:
-    """The HTTP library of the SDK's own client: httpx, or httpx2 for openai 3.x (which has no httpx)."""
-    for cls in _v1.DefaultHttpxClient.__mro__:
-        root = cls.__module__.split(".")[0]
-        if root.startswith("httpx"):
-            return sys.modules[root]
-    return importlib.import_module("httpx")  # an SDK whose default client is not a subclass of one
 
 
 _httpx = _http_library()
