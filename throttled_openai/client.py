@@ -107,6 +107,7 @@ def _on_request(request: Any) -> None:
     attempt: Optional[_Attempt] = current.attempt
     if attempt is not None:
         attempt.sent = True
+        attempt.limiter.sent(attempt.reservation)
 
 
 async def _on_request_async(request: Any) -> None:
@@ -534,6 +535,11 @@ class _ThrottledCore:
         super().__init__(max_retries=self._retry.max_retries, **kwargs)  # type: ignore[call-arg]
         secret = key_provider or getattr(self, "api_key", None)
         self._account: str = _account_hash(secret, getattr(self, "base_url", ""))
+        # The SDK imports a resource's module on its first use, a third of a second of CPU: done here, not
+        # during the first calls, where it would stall an event loop while the limiter grants requests
+        # that would then leave together.
+        for resource in ("chat", "completions", "embeddings", "responses"):
+            getattr(self, resource, None)
 
     def _hooked_http_client(self, given: Any) -> Any:
         """The HTTP client to send with, its event hooks reporting to this client's calls."""

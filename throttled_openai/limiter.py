@@ -299,13 +299,16 @@ class Reservation:
     :meth:`RateLimiter.settle` once the request was sent, or :meth:`RateLimiter.cancel` if it never was.
     """
 
-    __slots__ = ("done", "estimate", "key", "marks", "observed", "probe", "quiet", "ready_at", "refused", "tokens")
+    __slots__ = (
+        "done", "estimate", "key", "marks", "observed", "probe", "quiet", "ready_at", "refused", "sent_at", "tokens",
+    )  # fmt: skip
 
     def __init__(self, key: LimitKey, tokens: int, ready_at: float, marks: Tuple[float, float]) -> None:
         self.key = key
         self.tokens = tokens
         self.estimate = tokens
         self.ready_at = ready_at
+        self.sent_at = ready_at  # when its request left, if told (RateLimiter.sent)
         self.marks = marks  # each bucket's `booked` total right after this reservation
         self.probe = False
         self.quiet = False  # sent alone into a full bucket: its headers show its own cost
@@ -657,6 +660,11 @@ class RateLimiter:
             self._end_probe(state, reservation, learned=False)
             self._wake(state)
 
+    def sent(self, reservation: Reservation) -> None:
+        """The request of ``reservation`` leaves now (the client's request hook says so). What the
+        server's headers then say remains is reckoned from this moment, not from when it was taken."""
+        reservation.sent_at = self._clock()
+
     def settle(self, reservation: Reservation, used_tokens: Optional[int]) -> None:
         """End a sent request: charge its real token usage instead of the estimate.
 
@@ -709,7 +717,10 @@ class RateLimiter:
                     bucket.advance(now)
                     bucket.give_back(reservation.tokens)
             headers = self._read_windows(state, reservation, headers, accepted, now)
-            elapsed = max(0.0, now - reservation.ready_at)
+            # The server counted it after it was sent: what refilled since is reckoned from then. A request
+            # that left late (a busy event loop, say) would otherwise be credited refill the server never saw.
+            sent = max(reservation.ready_at, reservation.sent_at)
+            elapsed = max(0.0, now - sent)
             for kind, mark in zip(_KINDS, reservation.marks):
                 bucket = state.minute(kind)
                 limit, remaining = getattr(headers, f"limit_{kind}"), getattr(headers, f"remaining_{kind}")
@@ -735,7 +746,7 @@ class RateLimiter:
                     rate = bucket.limit / bucket.window
                     full_now = _server_full(bucket, remaining, getattr(headers, f"reset_{kind}"))
                     state.refunds.observe(reservation.ready_at, remaining, mark, overbooked, rate, full_now)
-                returned = bucket.returns.since(reservation.ready_at + elapsed / 2)
+                returned = bucket.returns.since(sent + elapsed / 2)
                 seen = remaining + bucket.rate * elapsed - margin - (bucket.booked - mark) + returned
                 # The level goes down to what the server holds; up to it only once the server is seen to
                 # refund (then our view lags it by the refunds made early in each request's flight).
