@@ -35,6 +35,7 @@ import sys
 import threading
 import time
 from typing import (
+    TYPE_CHECKING,
     Any,
     AsyncIterator,
     Callable,
@@ -541,9 +542,10 @@ class _ThrottledCore:
         for resource in ("chat", "completions", "embeddings", "responses"):
             getattr(self, resource, None)
 
-    def _hooked_http_client(self, given: Any) -> Any:
-        """The HTTP client to send with, its event hooks reporting to this client's calls."""
-        raise NotImplementedError
+    if TYPE_CHECKING:  # each face provides it: the sync one an httpx Client, the async one an AsyncClient
+
+        def _hooked_http_client(self, given: Any) -> Any:
+            """The HTTP client to send with, its event hooks reporting to this client's calls."""
 
     # -- public surface --------------------------------------------------------------------------
 

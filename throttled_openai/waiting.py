@@ -14,6 +14,7 @@ on any number of loops can so share one limiter: the state and the lock are one;
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import math
 import threading
@@ -24,24 +25,24 @@ __all__ = ["Step", "Steps", "TaskWaiter", "ThreadWaiter", "Wait", "Waiter", "adr
 _T = TypeVar("_T")
 
 
-class Step:
+class Step(abc.ABC):
     """Something an operation waits for, with the limiter's lock released: :meth:`block` does it on a
     thread, :meth:`wait` on an event loop. Both return the same outcome or raise the same error."""
 
     __slots__ = ()
 
-    def block(self) -> Any:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def block(self) -> Any: ...
 
-    async def wait(self) -> Any:
-        raise NotImplementedError
+    @abc.abstractmethod
+    async def wait(self) -> Any: ...
 
 
 #: A limiter operation: yields steps, receives their outcomes, returns its result.
 Steps = Generator[Step, Any, _T]
 
 
-class Waiter:
+class Waiter(abc.ABC):
     """How one caller is told that its turn came, or that the state it waits on changed. ``set`` may be
     called from any thread (always under the limiter's lock); ``clear`` only by the caller itself.
     ``deposed``: the limiter gave up on this caller (its event loop was closed while it waited): its turn
@@ -52,15 +53,15 @@ class Waiter:
     def __init__(self) -> None:
         self.deposed = False
 
+    @abc.abstractmethod
     def set(self) -> bool:
         """Wake the caller; ``False`` if it can never wake (its event loop is closed)."""
-        raise NotImplementedError
 
-    def clear(self) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def clear(self) -> None: ...
 
-    def is_set(self) -> bool:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def is_set(self) -> bool: ...
 
     def dead(self) -> bool:
         """Whether nothing can ever wake this caller again."""
