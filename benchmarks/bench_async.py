@@ -25,35 +25,17 @@ import asyncio
 import multiprocessing as mp
 import os
 import resource
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-try:
-    from benchmarks.bench_client import (
-        THREADS,
-        WARMUP_SECONDS,
-        Scenario,
-        _steady_rate,
-        ceiling,
-        request,
-        scenarios,
-        server_for,
-    )
-except ImportError:  # run as a script from benchmarks/
-    from bench_client import (  # type: ignore[no-redef, import-not-found]
-        THREADS,
-        WARMUP_SECONDS,
-        Scenario,
-        _steady_rate,
-        ceiling,
-        request,
-        scenarios,
-        server_for,
-    )
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_client import THREADS, WARMUP_SECONDS, Scenario, _steady_rate, ceiling, request, scenarios, server_for
 
 TASKS = 500
 KINDS = ("async", "sync", "bare")
